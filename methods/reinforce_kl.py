@@ -1,0 +1,62 @@
+"""REINFORCE with a per-step KL regulariser (the DPOK-style policy gradient without a value net).
+
+Paper: policy gradient with per-step KL to the pretrained model, as in DPOK (Fan et al. 2023,
+arXiv 2305.16381, Eq. 8 with the Gaussian KL of Lemma 4.1 / Eq. 10); REINFORCE (Williams 1992).
+Table 1 row: "REINFORCE + KL reg" (RSM, arXiv 2604.17415; digest §7.2, §8.4).
+Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† when the samples are on-policy, the KL
+is the closed-form per-step Gaussian KL, the reward is terminal, and both losses see the same
+x_t and ξ. Off-policy (θ ≠ θ†) the REINFORCE term is an A-weighted matching loss around θ†,
+while RSM puts A inside the target: they agree only in gradient at θ†.
+
+Original (per row = sample × step, mean over rows):
+    L = −A·⟨log p_θ(x'|x)⟩ + β·KL(p_θ(·|x) ‖ p_ref(·|x)),   A = r − mean_group(r)
+RSM instance:
+    Ψ̂ = (σ/(βΩ))·A·ξ,  γ = 1,  C1 = β·Ω²/(2σ²),  C2 = 0,  anchor s_ref.
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import estimators, weights
+from rsmbench.advantages import group_advantages
+from rsmbench.method import Method, register
+from rsmbench.rsm import RSMSpec
+
+
+@register
+class ReinforceKL(Method):
+    id = "reinforce_kl"
+    processes = ("diffusion", "flow")
+    order = "zeroth"
+    kind = "grad_at_behaviour"
+    paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); RSM digest §8.4"
+    table1 = "REINFORCE + KL reg"
+    kind_reason = "on-policy, closed-form per-step KL, terminal reward, same x_t and ξ in both losses"
+    defaults = {"beta": 0.01, "normalize_advantage": False}
+    presets = {
+        "dpok": {"beta": 0.01, "normalize_advantage": False,
+                 "source": "google-research/dpok README: --kl_weight 0.01"},
+    }
+
+    def prepare(self, batch, ctx):
+        groups = None if batch.cond is None else batch.cond
+        adv = group_advantages(batch.rewards, groups, normalize=ctx.hp["normalize_advantage"])
+        batch.extras["advantages"] = adv  # per sample
+
+    def original_loss(self, batch, ctx):
+        rows, p = batch.rows, ctx.process
+        A = batch.extras["advantages"][rows.sample]
+        out = ctx.policy(rows.x, rows.step, rows.cond)
+        mu = p.mean(rows.x, out, rows.step)
+        logp = p.log_prob(rows.x_next, mu, rows.step)
+        with torch.no_grad():
+            mu_ref = p.mean(rows.x, ctx.ref(rows.x, rows.step, rows.cond), rows.step)
+        kl = p.kl(mu, mu_ref, rows.step)
+        return (-A * logp + ctx.hp["beta"] * kl).mean()
+
+    def rsm_spec(self, batch, ctx):
+        rows, beta = batch.rows, ctx.hp["beta"]
+        A = batch.extras["advantages"][rows.sample]
+        return RSMSpec(rows=rows, psi=estimators.likelihood_ratio(ctx.process, rows, A, beta),
+                       gamma=torch.ones(len(rows)), c1=weights.kl_natural(ctx.process, rows, beta),
+                       c2=torch.zeros(len(rows)), anchor="ref")

@@ -1,0 +1,1 @@
+"""Reward models: differentiable and black-box, tiny and full scale."""

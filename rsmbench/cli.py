@@ -1,0 +1,73 @@
+"""The ``rsmbench`` command line. Every user error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of argparse's usage block
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+# ---- equiv -----------------------------------------------------------------------------------
+def _add_equiv(sub):
+    p = sub.add_parser("equiv", help="check that each method's two formulations give the same gradients")
+    p.add_argument("--methods", type=_csv, default=None, help="comma-separated method ids (default: all)")
+    p.add_argument("--process", choices=["diffusion", "flow", "all"], default="all")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--json", dest="json_path", default=None, help="write the records to this JSON file")
+    p.set_defaults(run=_run_equiv)
+
+
+def _run_equiv(args) -> int:
+    from rsmbench import equivalence
+
+    procs = ("diffusion", "flow") if args.process == "all" else (args.process,)
+    try:
+        records = equivalence.run(args.methods, procs, args.dtype)
+    except KeyError as e:
+        raise UsageError(str(e).strip("'\""))
+    if not records:
+        raise UsageError(f"no selected method applies to process {args.process!r}")
+    print(equivalence.table(records))
+    if args.json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
+        with open(args.json_path, "w") as f:
+            json.dump([r.as_dict() for r in records], f, indent=1)
+    failed = [r for r in records if r.kind in equivalence.EXACT and not r.passed]
+    print(f"{len(records) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+SUBCOMMANDS = [_add_equiv]
+
+
+def main(argv=None) -> int:
+    parser = _Parser(prog="rsmbench", description="Reward Score Matching benchmark suite")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            raise UsageError("rsmbench: missing subcommand; choose one of "
+                             + ", ".join(sorted(sub.choices)) + " (see 'rsmbench --help')")
+        return args.run(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
