@@ -1,4 +1,4 @@
-"""Value-guidance estimators Ψ̂ (digest §4), returned in native units Ψ̂/a (see ``rsmbench.rsm``).
+"""Zeroth-order value-guidance estimators, in native units Ψ̂/a (see ``rsmbench.rsm``).
 
 Zeroth-order, single-step likelihood ratio (digest §4.2, §8.4). For a stochastic step
 x' = μ_θ†(x) + σ·ξ with advantage A (reward minus a control variate),
