@@ -50,6 +50,8 @@ def _run_equiv(args) -> int:
     return 1 if failed else 0
 
 
+# Each entry adds one subparser; a module that owns a subcommand exposes `add_parser(sub)` and
+# sets `run=` to a function(args) -> exit code, and is listed here.
 SUBCOMMANDS = [_add_equiv]
 
 
