@@ -1,6 +1,8 @@
 """Advantages from terminal rewards: the zeroth-order control variates (digest §4.2)."""
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 
@@ -17,3 +19,43 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor | None = None, 
         a = r - r.mean()
         adv[m] = a / (r.std(unbiased=False) + eps) if normalize else a
     return adv if clip is None else adv.clamp(-clip, clip)
+
+
+def clip_advantages(adv: torch.Tensor, max_abs: float | None) -> torch.Tensor:
+    """Bound |A| by ``max_abs`` (ddpo-pytorch / flow_grpo ``train.adv_clip_max``); None: no clip."""
+    return adv if max_abs is None else adv.clamp(-max_abs, max_abs)
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalisation across batches (DDPO, Black et al. 2023, arXiv 2305.13301,
+    §4.3 / kvablack/ddpo-pytorch ``stat_tracking.py``; Flow-GRPO ``flow_grpo/stat_tracking.py``).
+
+    ``update(prompts, rewards)`` appends each prompt's rewards to its history (the last
+    ``buffer_size`` kept; None keeps all, as Flow-GRPO) and returns A = (r − mean) / (std + eps)
+    with mean/std (population std) of that prompt's history. While a prompt has fewer than
+    ``min_count`` rewards, the batch's own mean and std are used (DDPO). ``global_std`` takes the
+    std over the whole batch instead of the prompt's history (Flow-GRPO ``global_std``).
+    ddpo-pytorch: buffer 32, min_count 16, eps 1e-6; flow_grpo: no buffer, eps 1e-4.
+    """
+
+    def __init__(self, buffer_size: int | None = 32, min_count: int = 16, global_std: bool = False,
+                 eps: float = 1e-6):
+        self.buffer_size, self.min_count, self.global_std, self.eps = buffer_size, min_count, global_std, eps
+        self.stats: dict[int, deque] = {}
+
+    def update(self, prompts, rewards: torch.Tensor) -> torch.Tensor:
+        prompts = [int(p) for p in torch.as_tensor(prompts).reshape(-1).tolist()]
+        r64 = rewards.detach().to(torch.float64)
+        key = torch.tensor(prompts)
+        for p in dict.fromkeys(prompts):  # first all histories (flow_grpo order), then the stats
+            self.stats.setdefault(p, deque(maxlen=self.buffer_size)).extend(r64[key == p].tolist())
+        adv = torch.empty_like(r64)
+        for p in dict.fromkeys(prompts):
+            hist = torch.tensor(list(self.stats[p]), dtype=torch.float64)
+            src = r64 if len(hist) < self.min_count else hist
+            std = r64.std(unbiased=False) if self.global_std else src.std(unbiased=False)
+            adv[key == p] = (r64[key == p] - src.mean()) / (std + self.eps)
+        return adv.to(rewards.dtype)
+
+    def clear(self) -> None:
+        self.stats = {}
