@@ -1,0 +1,74 @@
+"""DDPO: denoising diffusion policy optimisation with PPO-clip (no KL).
+
+Paper: Black, Janner, Du, Kostrikov, Levine 2023, arXiv 2305.13301, §4.3 Eq. 4 (DDPO_IS: the
+importance-sampled per-step policy gradient) with PPO's clipped trust region; code
+kvablack/ddpo-pytorch ``scripts/train.py`` (clip_range 1e-4, adv_clip_max 5, per-prompt stat
+tracking with buffer 32 / min_count 16, ``stat_tracking.py``).
+Table 1 row: not a Table 1 row; it is the "PPO / GRPO / PCPO-base" row on diffusion (digest §8.5,
+§8.11: κ = w_t in native units, i.e. Ω_t/σ_t in score units).
+Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (ρ = 1, so no clip binds) with on-policy
+rows, the same x_t and ξ in both losses, terminal reward. Off-policy the clip binds once
+|ρ − 1| > ε and the clipped rows drop out of the original's gradient but not of the RSM's.
+
+Original (per row = sample × step, mean over rows; ⟨·⟩ per-element mean log-prob as in
+ddpo-pytorch's ``ddim_step_with_logprob``):
+    ρ = exp(⟨log p_θ(x'|x)⟩ − ⟨log p_θ†(x'|x)⟩),   A = clip(tracker(r), ±adv_clip_max)
+    L = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))
+RSM instance (digest §8.5, KL-free: anchor s_θ†):
+    Ψ̂/a = −A·ξ/w_t (likelihood ratio, β = 1),  γ = 1,  C1·a² = w_t²/2,  C2 = 0 (clip instead).
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import estimators, trust, weights
+from rsmbench.advantages import PerPromptStatTracker, clip_advantages, group_advantages
+from rsmbench.method import Method, register
+from rsmbench.rsm import RSMSpec
+
+
+@register
+class DDPO(Method):
+    id = "ddpo"
+    processes = ("diffusion",)
+    order = "zeroth"
+    kind = "grad_at_behaviour"
+    paper = "DDPO: Black et al. 2023, arXiv 2305.13301, Eq. 4 (DDPO_IS) + PPO clip; RSM digest §8.5, §8.11"
+    table1 = "not a Table 1 row (digest §8.11): the PPO / GRPO / PCPO-base row on diffusion"
+    kind_reason = "θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
+    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
+                "buffer_size": 32, "min_count": 16}
+    presets = {
+        "ddpo_pytorch": {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
+                         "buffer_size": 32, "min_count": 16,
+                         "source": "kvablack/ddpo-pytorch config/base.py (train.clip_range, train.adv_clip_max) "
+                                   "and config/dgx.py (per_prompt_stat_tracking buffer_size 32, min_count 16)"},
+    }
+
+    def __init__(self):
+        self.tracker = None  # per-prompt history persists across batches, as in ddpo-pytorch
+
+    def prepare(self, batch, ctx):
+        hp = ctx.hp
+        if hp["per_prompt_stat_tracking"] and batch.cond is not None:
+            if self.tracker is None:
+                self.tracker = PerPromptStatTracker(hp["buffer_size"], hp["min_count"], eps=1e-6)
+            adv = self.tracker.update(batch.cond, batch.rewards)
+        else:  # ddpo-pytorch: batch z-score, (r − mean)/(std + 1e-8)
+            adv = group_advantages(batch.rewards, None, eps=1e-8)
+        batch.extras["advantages"] = clip_advantages(adv, hp["adv_clip_max"])
+
+    def original_loss(self, batch, ctx):
+        rows, p, eps = batch.rows, ctx.process, ctx.hp["clip_range"]
+        A = batch.extras["advantages"][rows.sample]
+        out = ctx.policy(rows.x, rows.step, rows.cond)
+        log_ratio = p.log_prob(rows.x_next, p.mean(rows.x, out, rows.step), rows.step) - rows.log_prob
+        batch.extras["stats"] = trust.ppo_stats(log_ratio, eps)
+        return trust.ppo_clip(torch.exp(log_ratio), A, eps).mean()
+
+    def rsm_spec(self, batch, ctx):
+        rows, R = batch.rows, len(batch.rows)
+        A = batch.extras["advantages"][rows.sample]
+        return RSMSpec(rows=rows, psi=estimators.likelihood_ratio(ctx.process, rows, A, 1.0),
+                       gamma=torch.ones(R), c1=weights.kl_natural(ctx.process, rows, 1.0),
+                       c2=torch.zeros(R), anchor="behaviour")
