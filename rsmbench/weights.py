@@ -33,3 +33,29 @@ def kappa_step_size(process, rows, zeta: float) -> torch.Tensor:
 def kappa_guard(process, rows) -> torch.Tensor:
     """κ = c_t = −B_t/Δt_i (GRPO-Guard, digest §8.10): σ_s·w_t/Δt, constant 1 + a²/2 for t < 1."""
     return (-process.sde.B / process.dt)[rows.step].to(rows.x.dtype)
+
+
+# ---- reward-backprop family (DRaFT, AlignProp, ReFL): C1 that turns E_rows ⟨·⟩ into Σ_steps ------
+# The RSM gradient of one row at θ† is −2·C1a²·γ·⟨(Ψ̂/a)·∂o_θ⟩ = −(2·C1a²/D)·γ·(Ψ̂/a)ᵀ∂o_θ (per-element
+# mean over D elements), averaged over the m rows of a sample; a pathwise original sums (DRaFT-K,
+# AlignProp: m = K steps) or averages (DRaFT-LV draws, ReFL: 1 step) its per-step terms
+# (Ψ̂/a)ᵀ∂o_θ. So C1·a² = D·m/2 (summed) or D/2 (averaged): the D is the ⟨·⟩-vs-scalar-reward
+# factor, the m the mean-over-rows-vs-sum-over-steps factor (digest §12 pitfalls).
+
+def pathwise(rows, steps_summed: int = 1) -> torch.Tensor:
+    """C1·a² = D·m/2 per row (m = number of per-step terms the original sums per sample)."""
+    D = rows.x[0].numel()
+    return torch.full((len(rows),), D * steps_summed / 2, dtype=rows.x.dtype)
+
+
+def vgg_eta(process, rows, mode: str = "quad") -> torch.Tensor:
+    """VGG-Flow's temporal factor η(σ) (RSM code ``eta_mode``, digest §5.3/§9.2): 'quad' (1−σ)²
+    (baseline) or 'linear' (1−σ) (RSM first-order flow redesign); σ = flow time t of the row."""
+    if process.kind != "flow":
+        raise ValueError("vgg_eta applies to the flow process only")
+    one_minus = 1 - process.t[rows.step].to(rows.x.dtype)
+    if mode == "quad":
+        return one_minus**2
+    if mode == "linear":
+        return one_minus
+    raise ValueError(f"unknown eta mode {mode!r}; choose 'quad' or 'linear'")

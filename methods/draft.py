@@ -1,0 +1,132 @@
+"""DRaFT: direct reward fine-tuning, reward backprop through the sampling chain.
+
+Paper: Clark, Vicol, Swersky, Fleet 2023, "Directly Fine-Tuning Diffusion Models on
+Differentiable Rewards", arXiv 2309.17400 (ICLR 2024): Algorithm 1 (DRaFT), §3 DRaFT-K
+(backprop only through the last K sampling steps, K = 1 recommended) and DRaFT-LV (K = 1 with n
+extra re-noisings of the final sample x_0 → x_1 and one differentiable denoising step each,
+n = 2; averaged).
+Table 1 row: not a Table 1 row (digest §8.11: "first-order, full-trajectory estimator with the
+exact Jacobian ∂x_0/∂x_t, truncated for DRaFT-K/LV; no KL").
+Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with the x_i held at their rollout values,
+
+    ∇_θ r(x_N(θ)) = Σ_{i ≥ N−K} a_{i+1}ᵀ·B_i·∂o_θ(x_i, t_i)/∂θ,   a_{i+1} = d r(x_N)/d x_{i+1}
+
+(the adjoint of the frozen remaining chain, ``rsmbench.adjoint``). Off θ†, the original also
+moves the x_i and the adjoint; RSM keeps them fixed, so only the first-step gradients agree.
+
+Original (one sample per row of the batch, mean over samples):
+    L = λ·mean_b φ(r(x_N^b(θ))),  φ(r) = −r,  x_N(θ) = ``diffrollout.replay`` (grad on the last K)
+    DRaFT-LV: L = λ·mean_{b,j} φ(r(step_θ(x̃_1^{bj}))),  x̃_1^{bj} = q(x_{t_{N−1}} | sg(x_N^b)).
+RSM instance (native units, rows = the K trained steps of every sample, or the LV draws):
+    Ψ̂/a = ω·λ·B_i·a_{i+1}   (ω = −φ'(r), exact adjoint pull-back, ``estimators.adjoint_pullback``)
+    γ = 1,  C1·a² = D·K/2 (sum over K steps; D/2 for LV, which averages),  C2 = 0,  anchor s_θ†.
+(Score units: Ψ̂ = a_i·ω·λ·B_i·a_{i+1} = ω·λ·a_i²·Ω_i·a_{i+1}, C1 = D·K/(2a_i²).) The C1/Ψ̂ split is
+not identifiable for a KL-free method (digest §7.2 caveat); with σ_i > 0 the same product is the
+Stein form Ψ̂/a = λ·σ_i²·a_{i+1}/B_i with C1·a² = D·K·w_i²/2 (w = −B/σ); we keep the pull-back form
+because it also holds on deterministic (DDIM-0 / Euler) steps where σ_i = 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import weights
+from rsmbench.adjoint import chain_adjoint
+from rsmbench.diffrollout import forward_noise, replay, reward_and_grad
+from rsmbench.estimators.first import adjoint_pullback, phi_loss, phi_slope
+from rsmbench.method import Batch, Method, _dtype, register
+from rsmbench.rollout import generators, per_sample_randn, sample
+from rsmbench.rsm import RSMSpec
+
+
+class RewardBackprop(Method):
+    """Shared body of DRaFT and AlignProp: they differ only in how K is chosen (and presets)."""
+
+    order = "first"
+    kind = "grad_at_behaviour"
+    processes = ("diffusion", "flow")
+    kind_reason = ("exact at θ = θ†: same stored initial noise and step noises in both; the RSM "
+                   "adjoint holds the x_i fixed, the original moves them once θ ≠ θ†")
+
+    # -- which steps carry grad -----------------------------------------------------------------
+    def truncation(self, ctx, seeds) -> int:
+        N = ctx.process.num_steps
+        k = ctx.hp.get("k")
+        return N if k is None else min(int(k), N)
+
+    def _mask(self, ctx):
+        return torch.full((ctx.process.num_steps,), bool(ctx.hp["stochastic"]))
+
+    def collect(self, ctx, cond, seeds) -> Batch:
+        """Behaviour rollout (stores x_T and every ξ), terminal reward and ∇r cached, K drawn."""
+        p, dt = ctx.process, _dtype(ctx)
+        N, mask = p.num_steps, self._mask(ctx)
+        ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond, stochastic=mask, dtype=dt)
+        r, g = reward_and_grad(ctx.reward, ro.final, cond)
+        K = self.truncation(ctx, seeds)
+        rows = ro.transitions(only_stochastic=False)
+        extras = {"K": K, "terminal_grad": g}
+        n_lv = int(ctx.hp.get("lv_draws") or 0)
+        if n_lv:  # DRaFT-LV: n re-noisings x̃_1 of sg(x_N) per sample, one step each
+            lv_seeds = [int(s) * 1_000 + 500 + j for j in range(n_lv) for s in seeds]
+            gens = generators(lv_seeds)
+            eps = per_sample_randn(gens, ctx.shape, dt)
+            x0 = ro.final.repeat(n_lv, *([1] * (ro.final.dim() - 1)))
+            c = None if cond is None else cond.repeat(n_lv)
+            lv = sample(ctx.behaviour, ctx.shape, gens, cond=c, stochastic=mask,
+                        x_start=forward_noise(p, x0, N - 1, eps), start_step=N - 1, dtype=dt)
+            r_lv, g_lv = reward_and_grad(ctx.reward, lv.final, c)
+            extras.update(lv=lv, lv_rewards=r_lv, lv_grad=g_lv)
+            rows = lv.transitions(only_stochastic=False)
+        else:
+            rows = rows.select(rows.step >= N - K)
+        return Batch(rollout=ro, rows=rows, rewards=r, cond=cond, extras=extras)
+
+    # -- original: autograd through the (truncated) chain ----------------------------------------
+    def original_loss(self, batch, ctx):
+        hp, ro = ctx.hp, batch.rollout
+        if "lv" in batch.extras:
+            lv = batch.extras["lv"]
+            x = replay(ctx.policy, lv.states[:, 0], lv.noises, lv.cond, self._mask(ctx),
+                       start_step=ctx.process.num_steps - 1, checkpoint=hp["checkpoint"])
+            cond = lv.cond
+        else:
+            x = replay(ctx.policy, ro.states[:, 0], ro.noises, batch.cond, self._mask(ctx),
+                       k=batch.extras["K"], checkpoint=hp["checkpoint"])
+            cond = batch.cond
+        r = ctx.reward(x, cond)
+        return hp["reward_scale"] * phi_loss(r, hp["reward_loss"], hp.get("reward_target")).mean()
+
+    # -- RSM: exact-adjoint estimator on the trained rows -----------------------------------------
+    def rsm_spec(self, batch, ctx):
+        hp, rows, p = ctx.hp, batch.rows, ctx.process
+        N = p.num_steps
+        if "lv" in batch.extras:
+            ro, g, r = batch.extras["lv"], batch.extras["lv_grad"], batch.extras["lv_rewards"]
+            first, summed = 0, 1  # positions of the one-step LV rollouts; the original averages
+        else:
+            ro, g, r = batch.rollout, batch.extras["terminal_grad"], batch.rewards
+            K = batch.extras["K"]
+            first, summed = N - K, K
+        omega = phi_slope(r, hp["reward_loss"], hp.get("reward_target"))
+        adj = chain_adjoint(ctx.behaviour, ro, g, first=first)
+        pos = rows.step - int(ro.steps[0]) + 1  # rollout position of x_{i+1}
+        adj_next = adj[rows.sample, pos]
+        psi = adjoint_pullback(p, rows, adj_next, hp["reward_scale"] * omega[rows.sample])
+        return RSMSpec(rows=rows, psi=psi, gamma=torch.ones(len(rows)),
+                       c1=weights.pathwise(rows, summed), c2=torch.zeros(len(rows)), anchor="behaviour")
+
+
+@register
+class DRaFT(RewardBackprop):
+    id = "draft"
+    paper = "Clark et al. 2023, arXiv 2309.17400, Alg. 1, §3 (DRaFT-K, DRaFT-LV)"
+    table1 = "not a Table 1 row (digest §8.11)"
+    defaults = {"k": 1, "lv_draws": 0, "reward_scale": 1.0, "reward_loss": "neg", "reward_target": None,
+                "stochastic": True, "checkpoint": False}
+    presets = {
+        "draft_1": {"k": 1, "lv_draws": 0, "source": "arXiv 2309.17400 §3: DRaFT-K with K = 1"},
+        "draft_full": {"k": None, "lv_draws": 0,
+                       "source": "arXiv 2309.17400 Alg. 1: DRaFT without truncation (K = all steps)"},
+        "draft_lv": {"k": 1, "lv_draws": 2,
+                     "source": "arXiv 2309.17400 §3: DRaFT-LV, n = 2 re-noisings of the last step"},
+    }
