@@ -36,7 +36,8 @@ class RSMSpec:
     gamma: (R,) temporal scale γ(t)
     c1:    (R,) C1·a²  (per-row; folds in any per-row weight such as k_avg/k)
     c2:    (R,) C2·a²
-    anchor: 'ref' or 'behaviour'
+    anchor: 'ref' or 'behaviour', or a (R,) bool tensor (True: the row anchors on s_ref, False: on
+            s_θ†) for instances that mix KL-anchored and KL-free rows (RSM-ZO's ODE KL anchors)
     """
 
     rows: Transitions
@@ -44,12 +45,15 @@ class RSMSpec:
     gamma: torch.Tensor
     c1: torch.Tensor
     c2: torch.Tensor
-    anchor: str = "ref"
+    anchor: str | torch.Tensor = "ref"
 
     def __post_init__(self):
-        if self.anchor not in ANCHORS:
-            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         R = len(self.rows)
+        if isinstance(self.anchor, torch.Tensor):
+            if self.anchor.dtype != torch.bool or self.anchor.shape != (R,):
+                raise ValueError(f"a per-row anchor must be a bool tensor of shape ({R},)")
+        elif self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         for name in ("gamma", "c1", "c2"):
             v = torch.as_tensor(getattr(self, name), dtype=self.rows.x.dtype)
             setattr(self, name, v.expand(R).clone() if v.dim() == 0 else v)
@@ -84,7 +88,10 @@ def rsm_loss_rows(out_theta: torch.Tensor, out_ref: torch.Tensor, spec: RSMSpec)
     """Per-row RSM loss, given the trainable output o_θ and the reference output o_ref on the
     spec's rows (both CFG-combined, from the same ``Policy`` calls as the original loss)."""
     rows = spec.rows
-    anchor = out_ref if spec.anchor == "ref" else rows.out_behaviour
+    if isinstance(spec.anchor, torch.Tensor):
+        anchor = torch.where(spec.anchor.reshape(-1, *([1] * (out_theta.dim() - 1))), out_ref, rows.out_behaviour)
+    else:
+        anchor = out_ref if spec.anchor == "ref" else rows.out_behaviour
     g = spec.gamma.reshape(-1, *([1] * (out_theta.dim() - 1)))
     target = (anchor + g * spec.psi).detach()
     match = elementwise_mean((out_theta - target) ** 2)
@@ -96,7 +103,7 @@ def rsm_loss(policy, ref_policy, spec: RSMSpec) -> torch.Tensor:
     """E_rows of the RSM loss: evaluates o_θ (with grad) and o_ref (without) on the rows."""
     rows = spec.rows
     out_theta = policy(rows.x, rows.step, rows.cond)
-    if spec.anchor == "ref":
+    if isinstance(spec.anchor, torch.Tensor) or spec.anchor == "ref":
         with torch.no_grad():
             out_ref = ref_policy(rows.x, rows.step, rows.cond)
     else:
