@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from rsmbench import estimators, trust, weights
-from rsmbench.advantages import PerPromptStatTracker, clip_advantages
+from rsmbench.advantages import per_prompt_advantages
 from rsmbench.method import Method, register
 from rsmbench.rsm import RSMSpec
 
@@ -51,10 +51,8 @@ class GRPO(Method):
 
     def prepare(self, batch, ctx):
         hp = ctx.hp
-        cond = torch.zeros(len(batch.rewards), dtype=torch.long) if batch.cond is None else batch.cond
-        tracker = PerPromptStatTracker(buffer_size=None, min_count=0, global_std=hp["global_std"],
-                                       eps=hp["adv_eps"])  # cleared every epoch, as flow_grpo
-        batch.extras["advantages"] = clip_advantages(tracker.update(cond, batch.rewards), hp["adv_clip_max"])
+        batch.extras["advantages"] = per_prompt_advantages(batch.rewards, batch.cond, hp["adv_clip_max"],
+                                                           hp["global_std"], hp["adv_eps"])
 
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp

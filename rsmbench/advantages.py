@@ -59,3 +59,12 @@ class PerPromptStatTracker:
 
     def clear(self) -> None:
         self.stats = {}
+
+
+def per_prompt_advantages(rewards: torch.Tensor, cond=None, adv_clip_max: float | None = 5.0,
+                          global_std: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages as flow_grpo computes them each epoch (tracker cleared every epoch): per-prompt
+    z-scores over the batch (``global_std``: batch std), then clipped to ±``adv_clip_max``."""
+    cond = torch.zeros(len(rewards), dtype=torch.long) if cond is None else cond
+    tracker = PerPromptStatTracker(buffer_size=None, min_count=0, global_std=global_std, eps=eps)
+    return clip_advantages(tracker.update(cond, rewards), adv_clip_max)

@@ -57,3 +57,43 @@ def ppo_stats(log_ratio: torch.Tensor, clip_range: float, clip_range_gt: float |
     lr = log_ratio.detach()
     return {"clipfrac": clipfrac(torch.exp(lr), clip_range, clip_range_gt).item(),
             "approx_kl": approx_kl(lr).item()}
+
+
+def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.Tensor, form: str = "logrho",
+              clip_range: float = 1e-4):
+    """Per-row PCPO objective (Lee & Ye, arXiv 2509.25774) with per-row credit κ in place of the
+    sampler weight w_t (κ = w_t: PCPO-base). Returns (loss_rows, stats).
+
+    "logrho":   Δ̃ = (⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ/w_t, loss = ``logrho_clip``(Δ̃, A)
+                (RSM code ``sd3_train_shared.py``: ratio exp(Δ·ζΔt/w^b));
+    "matching": term = ½⟨(κ·Δo)²⟩ + ⟨(κ·Δo)·ξ⟩, Δo = o_θ − o_θ†, loss = ``matching_clip``(term, A)
+                (RSM code ``noise_matching_precision: bad``; term = −Δ̃ exactly, digest §8.5).
+    `out` is o_θ on the rows (CFG-combined); ⟨·⟩ per-element means."""
+    from rsmbench.rsm import elementwise_mean  # local: rsm imports rollout, keep this module light
+
+    if form == "logrho":
+        w = process.weight(rows.step).to(out.dtype)
+        lp = process.log_prob(rows.x_next, process.mean(rows.x, out, rows.step), rows.step)
+        log_ratio = (lp - rows.log_prob) * kappa / w
+        return logrho_clip(log_ratio, adv, clip_range), ppo_stats(log_ratio, clip_range)
+    if form == "matching":
+        k = kappa.reshape(-1, *([1] * (out.dim() - 1)))
+        d = k * (out - rows.out_behaviour)
+        term = elementwise_mean(0.5 * d**2 + d * rows.noise)
+        return matching_clip(term, adv, clip_range), ppo_stats(-term, clip_range)
+    raise ValueError(f"PCPO form must be 'logrho' or 'matching', got {form!r}")
+
+
+def fair_matching_clip(neg_log_ratio: torch.Tensor, adv: torch.Tensor, step_var: torch.Tensor,
+                       clip_range: float = 1e-4) -> torch.Tensor:
+    """The RSM redesign's fair clip (flow, digest §6, §9.4; RSM code ``fair_clip2``):
+    max(0, ε·|A| + A·(−Δ)·σ_s²) / σ_s², σ_s² = σ̃²Δt the step variance. The matching clip with a
+    per-step threshold: the row stops contributing once A·Δ > ε·|A|/σ_s² (instead of ε·|A|)."""
+    return matching_clip(neg_log_ratio * step_var, adv, clip_range) / step_var
+
+
+def matching_clipfrac(neg_log_ratio: torch.Tensor, adv: torch.Tensor, clip_range: float = 1e-4,
+                      step_var: torch.Tensor | float = 1.0) -> float:
+    """Fraction of rows where the (fair) matching clip binds: ε·|A| + A·(−Δ)·σ_s² < 0."""
+    active = clip_range * adv.abs() + adv * neg_log_ratio.detach() * step_var < 0
+    return active.to(torch.float64).mean().item()

@@ -1,0 +1,66 @@
+"""GRPO-Guard: Flow-GRPO with RatioNorm clipping and 1/Δt gradient reweighting.
+
+Paper: Wang, Liang, et al. 2025 (CVPR 2026), "GRPO-Guard: Mitigating Implicit Over-Optimization in
+Flow Matching via Regulated Clipping", arXiv 2510.22319, §4.1 (RatioNorm: the per-step log-ratio
+is re-centred by its mean-shift bias ⟨(μ_θ − μ_θ†)²⟩/(2σ_s²) and scaled by the step std σ_s so that
+its distribution is comparable across steps) and §4.2 (gradient reweighting by 1/Δt to equalise
+steps); code: yifan123/flow_grpo ``grpo_guard`` and the RSM code's ``guard`` reweight (digest §8.10).
+Table 1 row: "GRPO-Guard".
+Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (ρ̂ = 1 and the bias term has zero
+gradient there), on-policy rows, same x_t and ξ, terminal reward. Flow only.
+
+Original (per row, mean over rows; ⟨·⟩ per-element means; σ_s = σ̃√Δt the step std):
+    ρ̂ = exp(σ_s·(log ρ + ⟨(μ_θ − μ_θ†)²⟩/(2σ_s²))),  L = max(−A·ρ̂, −A·clip(ρ̂, 1 ± ε)) / Δt_i
+First-step gradient: A·σ_s·w_t/Δt·⟨ξ·∂v⟩ = A·c_t·⟨ξ·∂v⟩, c_t = 1 + σ̃²(1−t)/(2t) (= 1 at t = 1).
+RSM instance (digest §7.2, §8.10; KL-free, anchor s_θ†):
+    Ψ̂/a = −A·ξ/w_t,  γ = c_t/w_t,  C1·a² = w_t²/2,  C2 = 0 (RatioNorm clip instead).
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import estimators, trust, weights
+from rsmbench.advantages import per_prompt_advantages
+from rsmbench.method import Method, register
+from rsmbench.rsm import RSMSpec, elementwise_mean
+
+
+@register
+class GRPOGuard(Method):
+    id = "grpo_guard"
+    processes = ("flow",)
+    order = "zeroth"
+    kind = "grad_at_behaviour"
+    paper = "GRPO-Guard: Wang et al. 2025, arXiv 2510.22319, §4.1 (RatioNorm), §4.2 (1/Δt reweighting); digest §8.10"
+    table1 = "GRPO-Guard"
+    kind_reason = "θ = θ† (normalised ratio 1, its bias term has zero gradient), on-policy rows, same x_t and ξ"
+    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "global_std": False}
+    presets = {
+        "flow_grpo_guard": {"clip_range": 1e-4, "adv_clip_max": 5.0, "global_std": False,
+                            "source": "yifan123/flow_grpo (GRPO-Guard is distributed with Flow-GRPO; train.clip_range "
+                                      "1e-4, train.adv_clip_max 5); RSM code reweight 'guard' (digest §8.10)"},
+    }
+
+    def prepare(self, batch, ctx):
+        hp = ctx.hp
+        batch.extras["advantages"] = per_prompt_advantages(batch.rewards, batch.cond, hp["adv_clip_max"],
+                                                           hp["global_std"])
+
+    def original_loss(self, batch, ctx):
+        rows, p, eps = batch.rows, ctx.process, ctx.hp["clip_range"]
+        A = batch.extras["advantages"][rows.sample]
+        out = ctx.policy(rows.x, rows.step, rows.cond)
+        mu = p.mean(rows.x, out, rows.step)
+        log_ratio = p.log_prob(rows.x_next, mu, rows.step) - rows.log_prob
+        s = p.std(rows.step).to(out.dtype)
+        ratio = trust.ratio_norm(log_ratio, elementwise_mean((mu - rows.mean) ** 2), s)
+        batch.extras["stats"] = trust.ppo_stats(torch.log(ratio), eps)
+        dt = p.dt[rows.step].to(out.dtype)
+        return (trust.ppo_clip(ratio, A, eps) / dt).mean()
+
+    def rsm_spec(self, batch, ctx):
+        rows, R, p = batch.rows, len(batch.rows), ctx.process
+        A = batch.extras["advantages"][rows.sample]
+        return RSMSpec(rows=rows, psi=estimators.likelihood_ratio(p, rows, A, 1.0),
+                       gamma=weights.relative_gamma(p, rows, weights.kappa_guard(p, rows)),
+                       c1=weights.kl_natural(p, rows, 1.0), c2=torch.zeros(R), anchor="behaviour")
