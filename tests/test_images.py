@@ -1,0 +1,47 @@
+"""The in-package photo patch source (rsmbench.images): deterministic, in [−1, 1], split held out."""
+import numpy as np
+import pytest
+import torch
+
+from rsmbench import images
+
+
+def test_patches_deterministic_given_seed():
+    a, ya = images.patches("train", n_per_photo=6, seed=3)
+    b, yb = images.patches("train", n_per_photo=6, seed=3)
+    c, _ = images.patches("train", n_per_photo=6, seed=4)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(a, c)
+
+
+def test_patches_shape_range_and_labels():
+    x, y = images.patches("heldout", n_per_photo=5, size=32, seed=0)
+    k = len(images.PHOTOS)
+    assert x.shape == (5 * k, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert x.min() < -0.5 and x.max() > 0.5  # real photo content, not a constant
+    assert torch.equal(torch.bincount(y, minlength=k), torch.full((k,), 5))
+    assert len(images.prompts()) == k
+
+
+def test_uint8_round_trip():
+    u = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    x = u.float() / 127.5 - 1
+    assert np.array_equal(images.to_uint8(x), u.permute(0, 2, 3, 1).numpy())
+
+
+def test_train_and_heldout_regions_do_not_overlap():
+    # the train region is the top TRAIN_FRAC of rows, the held-out region the rest: together they
+    # tile the photo (checked at the first scale, where both have the same resize factor)
+    name = images.PHOTOS[0]
+    h = images.load_photo(name).shape[0]
+    cut = int(round(images.TRAIN_FRAC * h))
+    assert 0 < cut < h
+    tr, ho = images._regions(name, "train")[-1], images._regions(name, "heldout")[-1]
+    f = images.SCALES[-1] / min(images.load_photo(name).shape[:2])
+    assert tr.shape[0] == round(cut * f) and ho.shape[0] == round((h - cut) * f)
+
+
+def test_unknown_split_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        images.patches("test")
