@@ -310,3 +310,32 @@ def kl_anchor_rows(tree: Tree, frac: float, n_rows: int, seed: int = 0) -> Trans
                        mean=z(root.means), out_behaviour=z(root.outputs), log_prob=z(root.log_probs),
                        step=i, stochastic=torch.zeros(n, dtype=torch.bool), sample=b,
                        cond=None if root.cond is None else root.cond[b])
+
+
+# ---- from a tree to a training batch ----------------------------------------------------------------
+def to_batch(tree: Tree, reward, **extras):
+    """Query the reward once per leaf and wrap the tree's rows as a ``method.Batch``: ``rewards``
+    and ``cond`` are per leaf; ``extras`` carries the tree, the leaf node ids, the NFE count
+    (per-sample network evaluations; ``nfe_cfg`` with the CFG doubling, digest §9.5) and the
+    number of reward queries."""
+    from rsmbench.method import Batch  # local: method imports the rollout machinery
+
+    leaves = tree.leaves
+    cond = None if tree.cond is None else tree.cond[leaves]
+    rewards = reward(tree.final(leaves), cond)
+    ex = {"tree": tree, "leaves": leaves, "nfe": tree.nfe, "nfe_cfg": tree.nfe * (2 if tree.cfg else 1),
+          "reward_queries": int(leaves.numel()), **extras}
+    return Batch(rollout=tree.segments[0], rows=tree.rows(), rewards=rewards, cond=cond, extras=ex)
+
+
+def node_advantages(tree: Tree, values: torch.Tensor, nodes: torch.Tensor, level: torch.Tensor, strategy: str,
+                    eps: float = 1e-4, clip: float | None = 5.0) -> torch.Tensor:
+    """(M,) advantages: `values` of `nodes` standardised within their groups (``group_ids`` with
+    the given level), population std + eps (GRPO, arXiv 2402.03300, Eq. 3), clipped to ±clip;
+    0 for the other nodes. A group whose values are all equal gets A = 0 exactly."""
+    from rsmbench.advantages import group_advantages
+
+    g = group_ids(strategy, level, tree.root[nodes], None if tree.cond is None else tree.cond[nodes])
+    adv = torch.zeros(tree.num_nodes, dtype=values.dtype)
+    adv[nodes] = group_advantages(values, g, normalize=True, eps=eps, clip=clip)
+    return adv

@@ -59,3 +59,19 @@ def vgg_eta(process, rows, mode: str = "quad") -> torch.Tensor:
     if mode == "linear":
         return one_minus
     raise ValueError(f"unknown eta mode {mode!r}; choose 'quad' or 'linear'")
+
+
+# ---- zeroth-order tree / localisation methods (TempFlow-GRPO, Branch-GRPO, RSM-ZO) -----------------
+# Credits κ_t for ``relative_gamma`` (γ = κ_t/w_t); RSM-ZO flow uses ``kappa_guard`` (c_t), RSM-ZO
+# diffusion the constant κ = w/s of PCPO-reweight (digest §8.6).
+
+def kappa_noise_aware(process, rows, scale: float = 2.25) -> torch.Tensor:
+    """TempFlow-GRPO's noise-aware weight (arXiv 2508.04324; RSM code ``tempflow_reweight``):
+    the PPO term × scale·σ_s (σ_s = σ̃√Δt), so κ = scale·σ_s·w_t = scale·c_t·Δt (digest §5.3)."""
+    return scale * (process.std(rows.step) * process.weight(rows.step)).to(rows.x.dtype)
+
+
+def branch_count_weight(k_row: torch.Tensor, k_avg: float) -> torch.Tensor:
+    """k_avg/k per row (RSM code, digest §9.3–9.4): every branching transition weighs the same
+    whatever its number of branches k; k_avg is the mean k over the branching transitions."""
+    return k_avg / k_row.to(torch.float64)

@@ -1,0 +1,85 @@
+"""TempFlow-GRPO: trajectory branching with stochasticity localisation and noise-aware weighting.
+
+Paper: He, Fu et al. 2025, "TempFlow-GRPO: When Timing Matters for GRPO in Flow Models", arXiv
+2508.04324 (trajectory branching: an ODE root, one SDE step at each branch point, ODE
+continuation, so each branch's reward credits that one step; noise-aware policy weighting; group
+advantages among the branches of the same root and branch point). Code form as in the RSM
+repository's ``sd35_zeroth_order`` (``reweight: tempflow``: the Flow-GRPO PPO term × 2.25·σ̃√Δt;
+profile ``base``: k = 6 branches at each of the 9 transitions), digest §8.9, §9.4–9.5.
+Table 1 row: "TempFlow-GRPO" (branching: Yes). Digest §7.2, §8.9.
+Equivalence kind: ``grad_at_behaviour``: exact at θ = θ† (ρ = 1, clip inactive) on the branch
+rows, same x_t and ξ in both losses, terminal reward of each branch's leaf.
+
+Rollout (``rsmbench.tree.localised_tree``): ODE root x_0..x_N per seed; at each transition i with
+k_i > 0, k_i children restart from x_i, take the Flow-GRPO SDE step (Eq. 9 of arXiv 2505.05470,
+the process's SDE table) and continue with Euler-ODE steps. One training row per branch: its SDE
+transition. NFE per root = N + Σk_i + Σk_i(N − i − 1) (digest §9.5).
+
+Original (per branch row, mean over rows, ⟨·⟩ per-element means; A standardised among siblings):
+    ρ = exp(⟨log p_θ⟩ − ⟨log p_θ†⟩),
+    L = 2.25·σ̃_i√Δt_i · max(−A·ρ, −A·clip(ρ, 1 ± ε)) + β·KL_i(θ‖ref)
+RSM instance (first-step gradient A·2.25·c_tΔt·⟨ξ·∂v⟩, digest §5.3):
+    Ψ̂/a = −A·ξ/(β'·w_t) (likelihood ratio), γ = 2.25·σ̃√Δt = κ_t/w_t, C1·a² = β'·w_t²/2, C2 = 0,
+    anchor s_ref if β > 0 (β' = β) else s_θ† (β' = 1).
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import estimators, trust, weights
+from rsmbench.method import Method, _dtype, register
+from rsmbench.rsm import RSMSpec
+from rsmbench.tree import localised_tree, node_advantages, to_batch
+
+
+@register
+class TempFlowGRPO(Method):
+    id = "tempflow_grpo"
+    processes = ("flow",)
+    order = "zeroth"
+    kind = "grad_at_behaviour"
+    paper = ("TempFlow-GRPO: He, Fu et al. 2025, arXiv 2508.04324 (trajectory branching, noise-aware "
+             "weighting); Flow-GRPO SDE: arXiv 2505.05470, Eq. 9; RSM digest §8.9")
+    table1 = "TempFlow-GRPO"
+    kind_reason = "θ = θ† (ρ = 1, clip inactive), same x_t and ξ, terminal reward per branch leaf"
+    defaults = {"k": [2, 2, 2, 2, 2, 2, 2], "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.0,
+                "adv_clip_max": 5.0, "adv_eps": 1e-4, "group_strategy": "seed"}
+    presets = {
+        "rsm_base": {"k": [6] * 9, "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.0, "adv_clip_max": 5.0,
+                     "group_strategy": "seed",
+                     "source": "jaylee2000/rsm sd35_zeroth_order run_sd3.sh --profile base --reweight tempflow "
+                               "--loss ppo (k = [6]×9, N = 10; digest §8.9, §9.4)"},
+    }
+
+    def collect(self, ctx, cond, seeds):
+        tree = localised_tree(ctx.behaviour, ctx.shape, cond, list(seeds), ctx.hp["k"], dtype=_dtype(ctx))
+        return to_batch(tree, ctx.reward)
+
+    def prepare(self, batch, ctx):
+        tree, leaves, hp = batch.extras["tree"], batch.extras["leaves"], ctx.hp
+        batch.extras["advantages"] = node_advantages(tree, batch.rewards, leaves, tree.start[leaves],
+                                                     hp["group_strategy"], hp["adv_eps"], hp["adv_clip_max"])
+
+    def original_loss(self, batch, ctx):
+        rows, p, hp = batch.rows, ctx.process, ctx.hp
+        A = batch.extras["advantages"][rows.sample]
+        out = ctx.policy(rows.x, rows.step, rows.cond)
+        mu = p.mean(rows.x, out, rows.step)
+        log_ratio = p.log_prob(rows.x_next, mu, rows.step) - rows.log_prob
+        batch.extras["stats"] = trust.ppo_stats(log_ratio, hp["clip_range"])
+        noise_weight = hp["noise_scale"] * p.std(rows.step).to(out.dtype)  # 2.25·σ̃√Δt
+        loss = noise_weight * trust.ppo_clip(torch.exp(log_ratio), A, hp["clip_range"])
+        if hp["beta"] > 0:
+            with torch.no_grad():
+                mu_ref = p.mean(rows.x, ctx.ref(rows.x, rows.step, rows.cond), rows.step)
+            loss = loss + hp["beta"] * p.kl(mu, mu_ref, rows.step)
+        return loss.mean()
+
+    def rsm_spec(self, batch, ctx):
+        rows, p, beta = batch.rows, ctx.process, ctx.hp["beta"]
+        A = batch.extras["advantages"][rows.sample]
+        b = beta if beta > 0 else 1.0
+        kappa = weights.kappa_noise_aware(p, rows, ctx.hp["noise_scale"])
+        return RSMSpec(rows=rows, psi=estimators.likelihood_ratio(p, rows, A, b),
+                       gamma=weights.relative_gamma(p, rows, kappa), c1=weights.kl_natural(p, rows, b),
+                       c2=torch.zeros(len(rows)), anchor="ref" if beta > 0 else "behaviour")
