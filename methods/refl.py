@@ -1,0 +1,76 @@
+"""ReFL: reward feedback learning on a single late, differentiable denoising step.
+
+Paper: Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preferences for Text-to-Image
+Generation", arXiv 2304.05977, §4 and Algorithm 1 (ReFL): sample without grad down to a random
+late step t ∈ [T1, T2] (40 steps, the last 10 eligible), run the network once *with* grad, predict
+x̂₀ directly (Tweedie) and minimise λ·φ(r(x̂₀)), φ = ReLU(2 − r) (official ``train_refl.py``:
+``F.relu(-rewards + 2)``, ``grad_scale = 1e-3``). ReFL alternates this with the pre-training loss
+on a data set; that regulariser needs training images and is not part of this method file.
+Table 1 row: not a Table 1 row (digest §8.11: "ReFL = single late-step Tweedie (current-state)
+gradient").
+Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with x_j at its rollout value and
+x̂₀ = T(x_j, o) the affine Tweedie map of ``rsmbench.process``,
+
+    ∇_θ φ(r(x̂₀(θ))) = φ'(r)·∇r(x̂₀)ᵀ·(∂x̂₀/∂o)·∂o_θ(x_j)/∂θ,   ∂x̂₀/∂o = −√(1−ᾱ_j)/√ᾱ_j (ε)
+
+so RSM with the current-state Tweedie estimator with its exact output Jacobian (‡, Table 1
+footnote), one row per sample at step j:
+    Ψ̂/a = ω·λ·(∂x̂₀/∂o)·∇r(x̂₀^{θ†}),  ω = −φ'(r) = 1[r < 2],  γ = 1,  C1·a² = D/2,  C2 = 0,
+    anchor s_θ†.  (Score units: Ψ̂ = a_j·Ψ̂/a = ω·λ·∇r(x̂₀)/√ᾱ_j, since a_j = −1/√(1−ᾱ_j).)
+Off θ†, x̂₀ and ∇r(x̂₀) move with θ in the original; RSM keeps them fixed.
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import weights
+from rsmbench.diffrollout import draw_truncation, reward_and_grad
+from rsmbench.estimators.first import phi_loss, phi_slope, tweedie_pullback
+from rsmbench.method import Batch, Method, _dtype, register
+from rsmbench.rollout import generators, sample
+from rsmbench.rsm import RSMSpec
+
+
+@register
+class ReFL(Method):
+    id = "refl"
+    processes = ("diffusion",)
+    order = "first"
+    kind = "grad_at_behaviour"
+    paper = "Xu et al. 2023 (ImageReward), arXiv 2304.05977, §4, Algorithm 1 (ReFL)"
+    table1 = "not a Table 1 row (digest §8.11)"
+    kind_reason = "exact at θ = θ†: same x_j; RSM holds x̂₀ and ∇r(x̂₀) at their behaviour values"
+    defaults = {"window": 10, "step_seed": 0, "reward_scale": 1.0, "reward_loss": "relu_margin",
+                "reward_target": 2.0}
+    presets = {
+        "imagereward": {"window": 10, "reward_scale": 1e-3, "reward_loss": "relu_margin", "reward_target": 2.0,
+                        "source": "THUDM/ImageReward train_refl.py: mid_timestep ∈ [30, 39] of 40 steps, "
+                                  "loss F.relu(-rewards + 2) · grad_scale 1e-3"},
+    }
+
+    def collect(self, ctx, cond, seeds) -> Batch:
+        """No-grad rollout to the random late step j (drawn once per batch, seeded, stored), then the
+        behaviour output at x_j gives x̂₀^{θ†}, whose reward gradient is cached."""
+        p = ctx.process
+        N = p.num_steps
+        K = draw_truncation(int(ctx.hp["step_seed"]) + int(seeds[0]), 1, min(int(ctx.hp["window"]), N))
+        j = N - K
+        ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond, end_step=j + 1, dtype=_dtype(ctx))
+        rows = ro.transitions(only_stochastic=False)
+        rows = rows.select(rows.step == j)
+        x0_hat = p.tweedie(rows.x, rows.out_behaviour, j)
+        r, g = reward_and_grad(ctx.reward, x0_hat, cond)
+        return Batch(rollout=ro, rows=rows, rewards=r, cond=cond, extras={"step": j, "x0_grad": g})
+
+    def original_loss(self, batch, ctx):
+        hp, rows, j = ctx.hp, batch.rows, batch.extras["step"]
+        out = ctx.policy(rows.x, j, rows.cond)
+        r = ctx.reward(ctx.process.tweedie(rows.x, out, j), rows.cond)
+        return hp["reward_scale"] * phi_loss(r, hp["reward_loss"], hp["reward_target"]).mean()
+
+    def rsm_spec(self, batch, ctx):
+        hp, rows = ctx.hp, batch.rows
+        omega = hp["reward_scale"] * phi_slope(batch.rewards, hp["reward_loss"], hp["reward_target"])
+        psi = tweedie_pullback(ctx.process, rows, batch.extras["x0_grad"], omega[rows.sample])
+        return RSMSpec(rows=rows, psi=psi, gamma=torch.ones(len(rows)), c1=weights.pathwise(rows, 1),
+                       c2=torch.zeros(len(rows)), anchor="behaviour")

@@ -1,0 +1,124 @@
+"""RSM first-order redesigns ("Ours"): terminal-sample reward gradient, no network Jacobian.
+
+Paper: RSM, arXiv 2604.17415, Figure 5; digest §4.1 ("full-trajectory terminal gradient, no
+Jacobian"), §5.3 (κ tables), §9.1 (diffusion) and §9.2 (flow). The "original" of this method is the
+paper's own redesign loss as its code writes it:
+
+Diffusion (§9.1, ``config/simple_res-nabladb_sd_hps_usez0_basesnr.yaml``: the pruned residual ∇-DB
+trainer with ``use_z0: true``, ``reward_adaptive_mode: sigma``, ``pretrained_strength: sigma``):
+    G = ∇_{z_0} r(z_0), z_0 = the trajectory's own final sample, computed once at sampling time;
+    s̃_θ = ∇_{x'} log p_θ(x'|x) = −(x' − μ_θ(x))/σ_t²   (transition score at the sampled x')
+    L = fls·⟨(k·s̃_θ − k·s̃_ref − λ·κ_t·G)²⟩ + unet_reg·⟨(ε_θ − ε_θ†)²⟩,   k = κ_t = σ_t.
+  RSM (digest §8.3 "Ours"; x' cancels in s̃_θ − s̃_ref = B(ε_θ − ε_ref)/σ²):
+    Ψ̂/a = λ·σ_t²·G/B_t (Stein form, ``estimators.stein_shift``; score units Ψ̂ = (σ²/Ω)·λ·G),
+    γ = κ_t/k = 1,  C1·a² = fls·w_t² (score units C1 = fls·Ω_t²/σ_t²: the KL-natural weighting),
+    C2·a² = unet_reg,  anchor s_ref.
+Flow (§9.2, ``config/hpsv2_geneval_ours.py``: pruned VGG-Flow with ``use_saved_rgrad_x1=True``,
+``eta_mode='linear'``, ``reward_scale`` 1.5e7; 20-step Euler ODE):
+    g = clip_τ(∇_{x_0} r(x_0)) (saved unclipped at sampling, clipped in the loss; VGG-Flow's clip,
+    ``rsmbench.gradclip``),  v_tgt = v_ref − λ·η(σ)·g,  η = 1 − σ,
+    L = ⟨(v_θ − sg(v_tgt))²⟩ + unet_reg·⟨(v_θ − v_θ†)²⟩.
+  RSM (digest §8.1 with the terminal estimator): Ψ̂/a = −λ·g (score units ((1−σ)/σ)·λ·g),
+    γ = η(σ) = 1 − σ,  C1·a² = 1,  C2·a² = unet_reg,  anchor s_ref.
+Table 1 row: not a Table 1 row (the redesigns of §9.1/§9.2, built from the ∇-DB‡ and VGG-Flow‡ rows
+with the current-state estimator replaced by the terminal one).
+Equivalence kind: ``loss`` in both settings: the losses are identical for every θ (G is data of
+the batch; no reward gradient is re-evaluated at θ).
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import weights
+from rsmbench.diffrollout import reward_and_grad
+from rsmbench.estimators.first import stein_shift, terminal_velocity_shift
+from rsmbench.gradclip import make_clipper
+from rsmbench.method import Batch, Method, _dtype, register
+from rsmbench.rollout import generators, sample
+from rsmbench.rsm import RSMSpec, elementwise_mean
+
+
+def _el(v, like):
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+@register
+class RSMFirstOrder(Method):
+    id = "rsm_fo"
+    processes = ("diffusion", "flow")
+    order = "first"
+    kind = "loss"
+    paper = "RSM, arXiv 2604.17415, Fig. 5; digest §9.1 (use_z0) and §9.2 (use_saved_rgrad_x1)"
+    table1 = "not a Table 1 row (digest §9.1, §9.2: redesigns of Residual ∇-DB‡ and VGG-Flow‡)"
+    kind_reason = "loss identity for all θ: the terminal gradient is cached at sampling time"
+    defaults = {"reward_scale": 1.0, "forward_loss_scale": 1.0, "unet_reg_scale": 0.0, "eta_mode": "linear",
+                "clip": "quantile", "clip_quantile": 0.8, "clip_threshold": None}
+    presets = {
+        "sd15_ours": {"reward_scale": 5e5, "forward_loss_scale": 1.0, "unet_reg_scale": 100.0,
+                      "source": "jaylee2000/rsm sd15_first_order config/simple_res-nabladb_sd_hps_usez0_basesnr.yaml "
+                                "(digest §9.1): reward_scale 5e5, unet_reg_scale 100, forward_loss_scale 1"},
+        "sd35_ours": {"reward_scale": 1.5e7, "unet_reg_scale": 0.0, "eta_mode": "linear", "clip": "quantile",
+                      "source": "jaylee2000/rsm sd35_first_order config/hpsv2_geneval_ours.py (digest §9.2): "
+                                "reward_scale 1.5e7, eta_mode linear, use_saved_rgrad_x1"},
+    }
+
+    def clipper(self, ctx):
+        if getattr(self, "_clipper", None) is None:
+            self._clipper = make_clipper(ctx.hp["clip"], ctx.hp.get("clip_threshold"), ctx.hp["clip_quantile"])
+        return self._clipper
+
+    def on_optimizer_step(self):
+        """VGG-Flow's adaptive threshold update (flow setting; call after each optimizer step)."""
+        if getattr(self, "_clipper", None) is not None:
+            self._clipper.step()
+
+    def collect(self, ctx, cond, seeds) -> Batch:
+        """Diffusion: DDPM (SDE) rollout; flow: Euler ODE rollout. ∇_{x_0} r cached once per trajectory."""
+        N = ctx.process.num_steps
+        sto = torch.full((N,), ctx.process.kind == "diffusion")
+        ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond, stochastic=sto, dtype=_dtype(ctx))
+        r, g = reward_and_grad(ctx.reward, ro.final, cond)
+        if ctx.process.kind == "flow":
+            self.clipper(ctx).reset()  # τ reset at each sampling phase (VGG-Flow code)
+        return Batch(rollout=ro, rows=ro.transitions(only_stochastic=False), rewards=r, cond=cond,
+                     extras={"terminal_grad": g})
+
+    def _G(self, batch, ctx):
+        g = batch.extras["terminal_grad"]
+        if ctx.process.kind == "flow":
+            g = self.clipper(ctx)(g)
+        return g[batch.rows.sample]
+
+    # -- original -----------------------------------------------------------------------------------
+    def original_loss(self, batch, ctx):
+        rows, p, hp = batch.rows, ctx.process, ctx.hp
+        lam, G = hp["reward_scale"], self._G(batch, ctx)
+        out = ctx.policy(rows.x, rows.step, rows.cond)
+        with torch.no_grad():
+            out_ref = ctx.ref(rows.x, rows.step, rows.cond)
+        if p.kind == "diffusion":
+            std = p.std(rows.step, like=rows.x)
+            tscore = lambda o: -(rows.x_next - p.mean(rows.x, o, rows.step)) / std**2  # noqa: E731
+            k = kappa = std
+            match = hp["forward_loss_scale"] * elementwise_mean((k * tscore(out) - k * tscore(out_ref)
+                                                                 - lam * kappa * G) ** 2)
+        else:
+            sigma = p.t[rows.step].to(rows.x.dtype)
+            eta = (1 - sigma) ** 2 if hp["eta_mode"] == "quad" else (1 - sigma)
+            v_tgt = out_ref - _el(lam * eta, G) * G
+            match = elementwise_mean((out - v_tgt.detach()) ** 2)
+        reg = hp["unet_reg_scale"] * elementwise_mean((out - rows.out_behaviour) ** 2)
+        return (match + reg).mean()
+
+    # -- RSM instance -----------------------------------------------------------------------------------
+    def rsm_spec(self, batch, ctx):
+        rows, p, hp = batch.rows, ctx.process, ctx.hp
+        R, dt = len(rows), rows.x.dtype
+        G = self._G(batch, ctx)
+        c2 = torch.full((R,), float(hp["unet_reg_scale"]), dtype=dt)
+        if p.kind == "diffusion":
+            return RSMSpec(rows=rows, psi=stein_shift(p, rows, G, hp["reward_scale"]), gamma=torch.ones(R, dtype=dt),
+                           c1=hp["forward_loss_scale"] * weights.kl_natural(p, rows, 2.0), c2=c2, anchor="ref")
+        return RSMSpec(rows=rows, psi=terminal_velocity_shift(G, hp["reward_scale"]),
+                       gamma=weights.vgg_eta(p, rows, hp["eta_mode"]), c1=torch.ones(R, dtype=dt), c2=c2,
+                       anchor="ref")
