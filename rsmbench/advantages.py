@@ -68,3 +68,43 @@ def per_prompt_advantages(rewards: torch.Tensor, cond=None, adv_clip_max: float 
     cond = torch.zeros(len(rewards), dtype=torch.long) if cond is None else cond
     tracker = PerPromptStatTracker(buffer_size=None, min_count=0, global_std=global_std, eps=eps)
     return clip_advantages(tracker.update(cond, rewards), adv_clip_max)
+
+
+class ValueMLP(torch.nn.Module):
+    """V(x_t, t, c): a small MLP on the flattened state, a sinusoidal step embedding and an optional
+    prompt embedding (DPOK's ``ValueMulti`` is a conv net on SD latents; this is its shape-agnostic
+    tiny counterpart)."""
+
+    def __init__(self, dim: int, hidden: int = 64, temb: int = 16, num_classes: int = 0):
+        super().__init__()
+        self.temb = temb
+        self.cond = torch.nn.Embedding(num_classes + 1, temb) if num_classes else None
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + temb, hidden), torch.nn.SiLU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+
+    def forward(self, x, t, cond=None):
+        from rsmbench.models import timestep_embedding
+
+        h = timestep_embedding(t.to(x.dtype), self.temb)
+        if self.cond is not None and cond is not None:
+            h = h + self.cond(cond)
+        return self.net(torch.cat([x.reshape(x.shape[0], -1), h], dim=1)).squeeze(1)
+
+
+def fit_value_baseline(x: torch.Tensor, t: torch.Tensor, targets: torch.Tensor, cond=None, steps: int = 200,
+                       lr: float = 1e-2, hidden: int = 64, num_classes: int = 0, seed: int = 0):
+    """Train V(x_t, t, c) by full-batch Adam on the MSE to the rows' terminal rewards (DPOK,
+    Fan et al. 2023, arXiv 2305.16381, Algorithm 1 / google-research/dpok ``_train_value_func``:
+    ``F.mse_loss(value_function(state, txt_emb, timestep), final_reward)``). Returns (V on the rows
+    (detached), the fitted module). Initialised from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        v = ValueMLP(x[0].numel(), hidden, num_classes=num_classes).to(x.dtype)
+    opt = torch.optim.Adam(v.parameters(), lr=lr)
+    x, targets = x.detach(), targets.detach()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(v(x, t, cond), targets).backward()
+        opt.step()
+    with torch.no_grad():
+        return v(x, t, cond), v
