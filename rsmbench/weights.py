@@ -61,6 +61,43 @@ def vgg_eta(process, rows, mode: str = "quad") -> torch.Tensor:
     raise ValueError(f"unknown eta mode {mode!r}; choose 'quad' or 'linear'")
 
 
+# ---- first-order matching family (∇-DB, SQDF): transition-score weights --------------------------
+# ∇-DB regresses k·s̃_θ onto k·s̃_ref + λ·κ·G, with s̃ = ∇_{x'} log p(x'|x) = −(x'−μ)/σ² the transition
+# score; s̃_θ − s̃_ref = (μ_θ − μ_ref)/σ² = (B/σ²)·(o_θ − o_ref) (digest §2.2), so the forward loss is
+# C1·a² = (k·B/σ²)² times a native matching loss with γ·Ψ̂/a = κ·σ²·λ·G/(k·B) (digest §8.3).
+
+def transition_matching(process, rows, strength=1.0) -> torch.Tensor:
+    """C1·a² = (k·B_i/σ_i²)² per row (∇-DB forward loss; k = ``pretrained_strength``)."""
+    B = process.sde.B[rows.step].to(rows.x.dtype)
+    std = process.sde.std[rows.step].to(rows.x.dtype)
+    return (torch.as_tensor(strength, dtype=rows.x.dtype) * B / std**2) ** 2
+
+
+def nabla_db_kappa(process, rows, mode: str = "squared", sigma_scale: float = 1.0) -> torch.Tensor:
+    """∇-DB's reward factor κ of the next state x_{t'} (``reward_adaptive_mode``): 'squared' ᾱ_{t'}
+    (default), 'sqrt' √ᾱ_{t'} (nabla-gfn's other branch), 'sigma' s·σ_t (step std, RSM §9.1),
+    'constant' 1. ᾱ_{t'} is the clamped previous timestep's ᾱ (ᾱ_0 at the last step), as the code."""
+    if process.kind != "diffusion":
+        raise ValueError("nabla_db_kappa applies to the diffusion process only")
+    ab_next = process.alphas_cumprod_prev[rows.step].to(rows.x.dtype)
+    if mode == "squared":
+        return ab_next
+    if mode == "sqrt":
+        return ab_next.sqrt()
+    if mode == "sigma":
+        return sigma_scale * process.sde.std[rows.step].to(rows.x.dtype)
+    if mode == "constant":
+        return torch.ones_like(ab_next)
+    raise ValueError(f"unknown reward_adaptive_mode {mode!r}; choose squared, sqrt, sigma or constant")
+
+
+def discount(process, rows, gamma_d: float) -> torch.Tensor:
+    """SQDF's discount γ_d^(N−1−i) for transition i → i+1 (steps left after it; SQDF code
+    ``sqdf_gamma ** time_tensor``): 1 on the last transition, smallest at the noisiest."""
+    left = (process.num_steps - 1 - rows.step).to(rows.x.dtype)
+    return torch.as_tensor(gamma_d, dtype=rows.x.dtype) ** left
+
+
 # ---- zeroth-order tree / localisation methods (TempFlow-GRPO, Branch-GRPO, RSM-ZO) -----------------
 # Credits κ_t for ``relative_gamma`` (γ = κ_t/w_t); RSM-ZO flow uses ``kappa_guard`` (c_t), RSM-ZO
 # diffusion the constant κ = w/s of PCPO-reweight (digest §8.6).

@@ -81,3 +81,64 @@ def phi_slope(r: torch.Tensor, kind: str = "neg", c: float | None = None) -> tor
     if kind == "relu_margin":
         return (r < c).to(r.dtype)
     raise ValueError(f"unknown reward loss {kind!r}; choose 'neg', 'abs_target' or 'relu_margin'")
+
+# ---- Tweedie-based estimators (current state, next state, k-step lookahead) -------------------
+# Each returns the raw reward gradient G = ∇_x r(x̂0(x)) per row (graph-free, shape of x); the
+# method turns G into Ψ̂/a with its own scale (e.g. ``stein_shift``). The network is whichever
+# policy the method's authors use (θ, the reference, or a detached θ); gradients flow to x only.
+
+
+def _tweedie_or_final(policy, x, step, cond, jacobian: bool):
+    """x̂0(x) at process step `step` ((R,) long); rows with step ≥ N are final samples: x̂0 = x.
+    ``jacobian=False`` detaches the network output, so ∂x̂0/∂x is the map's own coefficient
+    (identity for flow's x − t·v, I/√ᾱ_t for diffusion): VGG-Flow's detached-velocity rule."""
+    p = policy.process
+    step = torch.as_tensor(step).long().reshape(-1)
+    final = step >= p.num_steps
+    idx = step.clamp(max=p.num_steps - 1)
+    out = policy(x, idx, cond)
+    x0 = p.tweedie(x, out if jacobian else out.detach(), idx)
+    return torch.where(final.reshape(-1, *([1] * (x.dim() - 1))).to(x.device), x, x0)
+
+
+def _grad_of_reward(reward, fn, x, cond) -> torch.Tensor:
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        r = reward(fn(x), cond)
+        (g,) = torch.autograd.grad(r.sum(), x)
+    return g.detach()
+
+
+def current_state(policy, reward, x, step, cond=None, jacobian: bool = True) -> torch.Tensor:
+    """G = ∇_{x_t} r(x̂0(x_t)) (digest §4.1, current-state / DPS estimator, Table 1's ‡).
+    ``jacobian=True``: exact, through o_θ(x_t); False: through the detached output (VGG-Flow)."""
+    return _grad_of_reward(reward, lambda z: _tweedie_or_final(policy, z, step, cond, jacobian), x, cond)
+
+
+def next_state(policy, reward, rows, jacobian: bool = True) -> torch.Tensor:
+    """G = ∇_{x'} r(x̂0(x')) at the sampled next state x' = x_{t_{i+1}}, Tweedie at step i+1
+    (x̂0 = x' after the last step): ∇-DB's transition-level estimator (digest §4.1, §8.3)."""
+    return current_state(policy, reward, rows.x_next, rows.step + 1, rows.cond, jacobian)
+
+
+def lookahead(policy, reward, x, step, cond=None, k: int = 1, jacobian: bool = True) -> torch.Tensor:
+    """G = ∇_x r(x̂0(Φ_k(x))): k deterministic steps (DDIM η = 0 / Euler ODE) of `policy` from
+    step i, then Tweedie at step i + k (digest §4.1 lookahead; the RSM toy's SQDF-2 is k = 2).
+    Steps past the end stop at the final sample. k = 0 is ``current_state``."""
+    if k < 0:
+        raise ValueError(f"lookahead depth must be >= 0, got {k}")
+    p = policy.process
+    step = torch.as_tensor(step).long().reshape(-1)
+
+    def chain(z):
+        for j in range(k):
+            s = step + j
+            live = (s < p.num_steps).reshape(-1, *([1] * (z.dim() - 1)))
+            si = s.clamp(max=p.num_steps - 1)
+            out = policy(z, si, cond)
+            z_next, _ = p.step(z, out if jacobian else out.detach(), si, stochastic=False)
+            z = torch.where(live, z_next, z)
+        return _tweedie_or_final(policy, z, step + k, cond, jacobian)
+
+    return _grad_of_reward(reward, chain, x, cond)
+

@@ -1,0 +1,163 @@
+"""Residual ∇-DB: gradient-informed detailed balance (∇-GFlowNet) for diffusion fine-tuning.
+
+Paper: Liu, Xiao, W. Liu, Bengio, Zhang, "Efficient Diversity-Preserving Diffusion Alignment via
+Gradient-Informed GFlowNets" (ICLR 2025, arXiv 2412.07775), residual ∇-DB (their Eq. for the
+forward ∇-DB residual with the pretrained prior and the learned residual log-flow score).
+Code: lzzcd001/nabla-gfn ``train_nablagfn.py`` (unpruned) and the RSM repo's pruned port
+``sd15_first_order/trainer/simple_resnabladbtrainer.py`` (digest §8.3).
+Table 1 row: "Residual ∇-DB‡" († after pruning g_φ and the auxiliary losses).
+
+Original (per row = sample × DDPM step t → t'; mean over rows, the code's per-step batch mean
+averaged over steps and grad-accumulation). With the transition score s̃ = ∇_{x'} log p(x'|x) =
+−(x' − μ)/σ² at the sampled x', k = ``pretrained_strength``, λ = ``reward_scale``:
+    G      = ∇_{x'} r(x̂_0(x'; ε_θ(x', t')))   (exact Jacobian through ε_θ; x̂_0 = x' after the last step)
+    target = k·s̃_ref + λ·κ(t')·G  [+ ∇g_φ(x', t')  if use_flow_net, not on the last step]
+    L      = fls·⟨(k·s̃_θ − sg(target))²⟩ + unet_reg·⟨(ε_θ − ε_θ†)²⟩
+             [+ rls·⟨(∇_x log p_θ(x'|x)·k − [∇_x log p_ref·k − ∇g_φ(x, t) − λκ(t)·∇_x r(x̂_0(x))])²⟩
+              + ⟨∇g_φ(x', 0)²⟩ on last-step rows   if use_flow_net]
+κ(t') = ᾱ_{t'} ('squared'). The reverse term's ∇_x log p_θ is graph-free in the code
+(``allow_2nd=False``), so the reverse and terminal losses train only g_φ.
+
+RSM instance (digest §8.3): x' cancels in s̃_θ − s̃_ref = (B/σ²)·(ε_θ − ε_ref), so
+    Ψ̂ = (σ²/Ω)·λ·G (native Ψ̂/a = λσ²G/B, ``stein_shift``),  γ = κ(t')/k,
+    C1 = fls·(k·Ω/σ²)² (native fls·(kB/σ²)²),  C2 = unet_reg·(1−ᾱ_t) (native unet_reg),  anchor s_ref.
+
+Equivalence kind: ``loss`` for the pruned default (``use_flow_net=False``): identical losses for
+every θ (G re-evaluated with the current θ in both). ``use_flow_net=True`` (preset
+``nabla_gfn_hps``) is ``approximate``: the θ-gradient gap is the ∇g_φ shift of the target and
+vanishes as ``flow_scale`` → 0. The flow network is a tiny random-init copy of the policy
+architecture (not the SD1.5-size UNet); k multiplies both transition scores, as the pruned port
+does (nabla-gfn applies ``pretrained_strength`` to the reference only; the default k = 1 agrees).
+"""
+from __future__ import annotations
+
+import torch
+
+from rsmbench import weights
+from rsmbench.estimators import first as fo
+from rsmbench.method import Method, _dtype, register
+from rsmbench.rsm import RSMSpec, elementwise_mean
+from methods.vgg_flow import auxiliary_net
+
+
+def _el(v, like):
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+@register
+class ResidualNablaDB(Method):
+    id = "nabla_db"
+    processes = ("diffusion",)
+    order = "first"
+    kind = "loss"
+    paper = "Residual ∇-DB (∇-GFlowNet): Liu et al. 2025, arXiv 2412.07775; RSM digest §8.3"
+    table1 = "Residual ∇-DB‡ (pruned †)"
+    kind_reason = ("pruned (use_flow_net=False): forward loss + unet_reg ≡ RSM loss for every θ; "
+                   "x' cancels in s̃_θ − s̃_ref; G re-evaluated at the current θ in both")
+    approx_reason = ("use_flow_net=True: learned ∇g_φ(x') shifts the forward target (gap ∝ ∇g_φ, "
+                     "vanishes as flow_scale → 0); reverse/terminal losses do not reach θ")
+    defaults = {"reward_scale": 1.0, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
+                "forward_loss_scale": 1.0, "unet_reg_scale": 1.0, "use_flow_net": False,
+                "reverse_loss_scale": 1.0, "flow_scale": 1.0, "flow_seed": 3000}
+    presets = {
+        "sd15_pruned_baseline": {
+            "reward_scale": 5e5, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
+            "forward_loss_scale": 1.0, "unet_reg_scale": 100.0, "use_flow_net": False,
+            "source": "jaylee2000/rsm sd15_first_order/config/simple_res-nabladb_sd_hps.yaml (digest §9.1)"},
+        "nabla_gfn_hps": {
+            "reward_scale": 1e3, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
+            "forward_loss_scale": 1.0, "unet_reg_scale": 1e3, "use_flow_net": True, "reverse_loss_scale": 1.0,
+            "source": "lzzcd001/nabla-gfn config/default_config.py (no_flow=False, reverse_loss_scale=1)"},
+        "toy_flow_net": {"use_flow_net": True,
+                         "source": "this repo: the unpruned original at toy reward scale, for gap checks"},
+    }
+
+    def hparams(self, preset=None, **overrides):
+        hp = super().hparams(preset, **overrides)
+        unpruned = bool(hp["use_flow_net"])
+        self.kind = "approximate" if unpruned else type(self).kind
+        self.kind_reason = self.approx_reason if unpruned else type(self).kind_reason
+        return hp
+
+    def flow_net(self, ctx):
+        """∇g_φ: the residual log-flow *score* network (same shape as x, as the code's UNet)."""
+        if getattr(self, "_flow", None) is None:
+            self._flow = auxiliary_net(ctx.policy.net, ctx.hp["flow_seed"], _dtype(ctx), ctx.hp["flow_scale"])
+        self._flow.scale = ctx.hp["flow_scale"]
+        return self._flow
+
+    # -- the original -----------------------------------------------------------------------------
+    def _kappa(self, ab, ctx):
+        mode = ctx.hp["reward_adaptive_mode"]
+        if mode == "squared":
+            return ab
+        if mode == "sqrt":
+            return ab.sqrt()
+        raise ValueError(f"nabla_db original supports reward_adaptive_mode squared/sqrt, got {mode!r}")
+
+    def _score_r(self, ctx, x, step, cond, ab):
+        """λ·κ·∇_x r(x̂_0(x; ε_θ(x, t))) at model step `step` (x̂_0 = x past the last step)."""
+        p = ctx.process
+        N = p.num_steps
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            idx = step.clamp(max=N - 1)
+            eps = ctx.policy(xg, idx, cond)
+            abt = _el(p.alphas_cumprod_t[idx].to(x.dtype), xg)
+            x0 = (xg - (1 - abt).sqrt() * eps) / abt.sqrt()
+            x0 = torch.where(_el(step >= N, xg), xg, x0)
+            (G,) = torch.autograd.grad(ctx.reward(x0, cond).sum(), xg)
+        return ctx.hp["reward_scale"] * _el(self._kappa(ab.to(x.dtype), ctx), x) * G.detach()
+
+    def original_loss(self, batch, ctx):
+        rows, p, hp = batch.rows, ctx.process, ctx.hp
+        k = hp["pretrained_strength"]
+        x, xn, i, cond = rows.x, rows.x_next, rows.step, rows.cond
+        std2 = _el(p.sde.std[i].to(x.dtype) ** 2, x)
+        eps = ctx.policy(x, i, cond)
+        with torch.no_grad():
+            eps_ref = ctx.ref(x, i, cond)
+        score_pf = -(xn - p.mean(x, eps, i)) / std2 * k  # k·s̃_θ
+        score_pf_ref = -(xn - p.mean(x, eps_ref, i)) / std2 * k
+        score_r_next = self._score_r(ctx, xn, i + 1, cond, p.alphas_cumprod_prev[i])
+        target = score_pf_ref + score_r_next
+        end = i == p.num_steps - 1
+        loss = 0.0
+        if hp["use_flow_net"]:
+            flow = self.flow_net(ctx)
+            t_next = p.prev_timesteps[i].to(x.dtype)
+            res_next = flow(xn, t_next, cond)
+            target = target + torch.where(_el(end, x), torch.zeros_like(res_next), res_next)
+            loss = hp["reverse_loss_scale"] * self._reverse(ctx, rows, eps, eps_ref, flow, end).mean() \
+                + (elementwise_mean(res_next**2) * end).sum() / (end.sum() + 1e-6)
+        loss = loss + hp["forward_loss_scale"] * elementwise_mean((score_pf - target.detach()) ** 2).mean()
+        if hp["unet_reg_scale"] > 0:
+            loss = loss + hp["unet_reg_scale"] * elementwise_mean((eps - rows.out_behaviour) ** 2).mean()
+        return loss
+
+    def _reverse(self, ctx, rows, eps, eps_ref, flow, end):
+        """Reverse ∇-DB at x_t (nabla-gfn): ∇_x log p(x'|x) is graph-free, so only g_φ learns."""
+        p, k, x, xn, i, cond = ctx.process, ctx.hp["pretrained_strength"], rows.x, rows.x_next, rows.step, rows.cond
+        std2 = _el(p.sde.std[i].to(x.dtype) ** 2, x)
+
+        def rev(pol):
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                (gx,) = torch.autograd.grad(((xn - p.mean(xg, pol(xg, i, cond), i)) ** 2).sum(), xg)
+            return -gx.detach() / (2 * std2) * k
+
+        score_r = self._score_r(ctx, x, i, cond, p.alphas_cumprod_t[i])
+        tgt = rev(ctx.ref) - flow(x, p.timesteps[i].to(x.dtype), cond) - score_r
+        tgt = torch.where(_el(end, x), torch.zeros_like(tgt), tgt)
+        return elementwise_mean((rev(ctx.policy) - tgt) ** 2)
+
+    # -- the RSM instance -------------------------------------------------------------------------
+    def rsm_spec(self, batch, ctx):
+        rows, p, hp = batch.rows, ctx.process, ctx.hp
+        k = hp["pretrained_strength"]
+        G = fo.next_state(ctx.policy, ctx.reward, rows, jacobian=True)
+        R = len(rows)
+        return RSMSpec(rows=rows, psi=fo.stein_shift(p, rows, G, hp["reward_scale"]),
+                       gamma=weights.nabla_db_kappa(p, rows, hp["reward_adaptive_mode"]) / k,
+                       c1=hp["forward_loss_scale"] * weights.transition_matching(p, rows, k),
+                       c2=torch.full((R,), float(hp["unet_reg_scale"]), dtype=rows.x.dtype), anchor="ref")
