@@ -86,6 +86,9 @@ class RSMZeroOrder(Method):
         rows = batch.rows
         if hp["mask_zero"]:
             rows = rows.select(adv[rows.sample] != 0)
+            if len(rows) == 0:
+                raise ValueError("rsm_zo: every branch group has zero reward spread (all A = 0); "
+                                 "use more branches per group or set mask_zero=False")
         k = torch.tensor(tree.extras["k"])
         kw = weights.branch_count_weight(k[rows.step], k[k > 0].double().mean().item()).to(rows.x.dtype)
         anchors = kl_anchor_rows(tree, hp["anchor_frac"], len(rows), seed=sum(batch.extras["seeds"]))

@@ -154,7 +154,7 @@ class Tree:
 
 def cat_rows(parts) -> Transitions:
     """Concatenate ``Transitions`` (all with or all without ``cond``)."""
-    parts = [p for p in parts if len(p)]
+    parts = [p for p in parts if len(p)] or list(parts[:1])
     return Transitions(**{f.name: (None if getattr(parts[0], f.name) is None
                                    else torch.cat([getattr(p, f.name) for p in parts]))
                           for f in fields(Transitions)})
