@@ -1,0 +1,117 @@
+"""branch_grpo, tempflow_grpo, rsm_zo: clipping at and after θ†, fair clip thresholds, the ODE KL
+anchors, k_avg/k weights, zero-advantage masking, NFE extras and image-shaped states (float64)."""
+import math
+
+import pytest
+import torch
+
+from rsmbench import equivalence, trust, tree
+from rsmbench.method import Context, get
+from rsmbench.models import Policy, build_net, frozen_copy
+from rsmbench.process import make_process
+from rsmbench.rsm import RSMSpec, elementwise_mean, rsm_loss
+
+PAIRS = [("branch_grpo", "diffusion"), ("tempflow_grpo", "flow"), ("rsm_zo", "diffusion"), ("rsm_zo", "flow")]
+
+
+@pytest.mark.parametrize("method,process", PAIRS)
+def test_clip_inactive_at_behaviour_then_binds(method, process):
+    rec = equivalence.check(method, process, "float64", offpolicy_steps=2)
+    first, last = rec.offpolicy[0], rec.offpolicy[-1]
+    assert first["clipfrac"] == 0.0 and first["max_rel_err"] <= 1e-9  # θ = θ†: no clip binds, exact
+    assert last["clipfrac"] > 0.0 and last["max_rel_err"] > 1e-6  # off-policy: clip binds, forms differ
+
+
+def test_fair_clip_threshold_is_eps_over_step_variance():
+    eps, var = 1e-4, torch.tensor([0.01, 0.25], dtype=torch.float64)
+    adv = torch.ones(2, dtype=torch.float64)
+    # A·Δ just below / above ε/σ_s² (Δ = log ρ = −neg_log_ratio)
+    below = trust.fair_matching_clip(-(eps / var) * (1 - 1e-3), adv, var, eps)
+    above = trust.fair_matching_clip(-(eps / var) * (1 + 1e-3), adv, var, eps)
+    assert (below > 0).all() and (above == 0).all()
+    assert trust.matching_clipfrac(-(eps / var) * (1 + 1e-3), adv, eps, var) == 1.0
+    # unclipped, its gradient in −Δ is A (the σ_s² scale cancels), as the plain matching clip
+    nlr = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    trust.fair_matching_clip(nlr, torch.tensor([0.7, -2.0], dtype=torch.float64), var, eps).sum().backward()
+    torch.testing.assert_close(nlr.grad, torch.tensor([0.7, -2.0], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def _zo_batch(process, **hp):
+    m = get("rsm_zo")
+    ctx = equivalence.build_context(m, process, torch.float64, hp=hp)
+    return m, ctx, equivalence.collect(m, ctx)
+
+
+@pytest.mark.parametrize("process", ["diffusion", "flow"])
+def test_kl_anchor_rows_have_zero_guidance_and_pull_to_reference(process):
+    m, ctx, batch = _zo_batch(process)
+    is_a, rows = batch.extras["kl_anchor"], batch.rows
+    k = tree.branch_schedule(ctx.hp["k"], ctx.process.num_steps)
+    n_branch = int((~is_a).sum())
+    assert int(is_a.sum()) == math.floor(0.1 * n_branch) > 0
+    anchor_steps = rows.step[is_a].tolist()
+    assert all(k[i] == 0 and i < ctx.process.num_steps - 1 for i in anchor_steps)
+    assert not rows.stochastic[is_a].any()  # deterministic root states
+    spec = m.rsm_spec(batch, ctx)
+    assert torch.equal(spec.psi[is_a], torch.zeros_like(spec.psi[is_a]))
+    assert spec.anchor == "ref" if process == "flow" else torch.equal(spec.anchor, is_a)
+    # anchor rows alone: RSM loss == β_anchor·KL_t(θ‖ref), at a perturbed θ too (loss identity)
+    sub = RSMSpec(rows=rows.select(is_a), psi=spec.psi[is_a], gamma=spec.gamma[is_a], c1=spec.c1[is_a],
+                  c2=spec.c2[is_a], anchor="ref")
+    with torch.no_grad():
+        for p in ctx.policy.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+    a = sub.rows
+    beta_a = m._hp(ctx, "anchor_beta")
+    kl = m._kl(ctx, a, ctx.policy(a.x, a.step, a.cond)).mean()
+    loss = rsm_loss(ctx.policy, ctx.ref, sub)
+    assert abs(loss.item() - beta_a * kl.item()) <= 1e-12 * abs(loss.item())
+    # one gradient step on it moves o_θ toward o_ref on those rows
+    dist = lambda: elementwise_mean((ctx.policy(a.x, a.step, a.cond) - ctx.ref(a.x, a.step, a.cond)) ** 2).mean()  # noqa: E731
+    before = dist().item()
+    params = list(ctx.policy.net.parameters())
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():  # a small normalised descent step
+        for p, g in zip(params, grads):
+            p.sub_(1e-4 * g / norm)
+    assert dist().item() < before
+
+
+def test_rsm_zo_branch_weights_masking_and_nfe():
+    m, ctx, batch = _zo_batch("diffusion")
+    is_a, rows, kw = batch.extras["kl_anchor"], batch.rows, batch.extras["row_weight"]
+    k_avg = (3 + 2 + 3 + 2) / 4  # defaults k = [3, 2, 3, 2]
+    torch.testing.assert_close(kw[~is_a], k_avg / torch.tensor([3.0, 2.0, 3.0, 2.0], dtype=torch.float64)[rows.step[~is_a]])
+    N, B = ctx.process.num_steps, 8
+    assert batch.extras["nfe"] == B * tree.nfe_localised([3, 2, 3, 2], N) == B * (8 + 10 + (3 * 7 + 2 * 6 + 3 * 5 + 2 * 4))
+    assert batch.extras["nfe_cfg"] == 2 * batch.extras["nfe"] and batch.extras["reward_queries"] == B * 10
+    # a prompt whose reward is constant: its groups have zero spread, A = 0, its rows are masked
+    flat = lambda x, c: torch.where(c == 0, torch.ones(len(x), dtype=x.dtype), equivalence.toy_reward(x))  # noqa: E731
+    ctx.reward = flat
+    b2 = equivalence.collect(m, ctx)
+    kept = b2.rows.select(~b2.extras["kl_anchor"])
+    assert len(kept) == B * 10 // 2 and (kept.cond == 1).all()
+
+
+def _image_context(m, kind, hp=None):
+    process = make_process(kind, num_steps=3)
+    kw = dict(sample_size=8, channels=3, block_out_channels=(16, 32), norm_num_groups=8, num_classes=2)
+    net = build_net("unet", process.prediction, seed=0, dtype=torch.float64, **kw)
+    ref = frozen_copy(build_net("unet", process.prediction, seed=1, dtype=torch.float64, **kw))
+    return Context(process=process, policy=Policy(net, process, 1.5), ref=Policy(ref, process, 1.5),
+                   behaviour=Policy(frozen_copy(net), process, 1.5), reward=lambda x, c: -(x**2).mean(dim=(1, 2, 3)),
+                   hp=m.hparams(**(hp or {})), shape=(3, 8, 8))
+
+
+@pytest.mark.parametrize("method,kind,hp", [("branch_grpo", "flow", {"split_steps": [1], "ks": [2]}),
+                                            ("tempflow_grpo", "flow", {"k": [2, 2]}),
+                                            ("rsm_zo", "diffusion", {"k": [2, 2], "anchor_frac": 0.5})])
+def test_image_shaped_states(method, kind, hp):
+    m = get(method)
+    ctx = _image_context(m, kind, hp)
+    batch = m.collect(ctx, torch.tensor([0, 0, 1, 1]), [1, 2, 3, 4])
+    m.prepare(batch, ctx)
+    assert batch.rows.x.shape[1:] == (3, 8, 8)
+    g_o, g_r, _, _ = equivalence.both_gradients(m, batch, ctx)
+    assert equivalence.compare(g_o, g_r)["max_rel_err"] <= 1e-9
