@@ -52,7 +52,19 @@ def _run_equiv(args) -> int:
 
 # Each entry adds one subparser; a module that owns a subcommand exposes `add_parser(sub)` and
 # sets `run=` to a function(args) -> exit code, and is listed here.
-SUBCOMMANDS = [_add_equiv]
+def _add_pretrain(sub):
+    from rsmbench import pretrain
+
+    pretrain.add_parser(sub)
+
+
+def _add_bench(sub):
+    from rsmbench import bench
+
+    bench.add_parser(sub)
+
+
+SUBCOMMANDS = [_add_equiv, _add_pretrain, _add_bench]
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,385 @@
+"""One training loop for every method and both formulations, with the pinned evaluation.
+
+Per iteration k (CleanRL-style, hyperparameters in the task file):
+    θ† = frozen copy of θ                                   (models.frozen_copy)
+    batch = method.collect(ctx, cond, seeds); method.prepare(batch, ctx)
+    repeat train.inner_updates times:
+        loss = method.original_loss(batch, ctx)              formulation 'original'
+             | rsm.rsm_loss(θ, ref, method.rsm_spec(batch, ctx))   formulation 'rsm'
+        AdamW step after clipping the gradient norm
+until the reward-query budget is spent. Reward queries and network evaluations (NFEs) are counted
+generically by wrapping the reward and the three policies, so every method is accounted alike.
+
+Evaluation (task ``eval`` section, logged with the run): fixed held-out seeds and prompts, the
+trained sampler; reward mean/std; path KL to the reference Σ_i KL_i in nats (D·⟨·⟩ per step, along
+θ's own trajectories); diversity = mean pairwise feature distance; prior preservation = Fréchet
+distance between the features of θ's and the base model's samples on the same seeds. Tasks with an
+exact optimum (``gmm``) add J = E[r] − α·KL, the gaps to J*, and sliced-W2 to exact target samples.
+
+Resumability: every ``checkpoint_every`` iterations the net, the optimizer, the counters and the
+not-yet-logged metrics are written atomically; metrics are logged to MLflow only after the
+checkpoint that contains them, and a resumed run logs only steps beyond the last logged one, so a
+run killed anywhere has neither a gap nor a duplicate in its metric history.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from rsmbench import method as registry
+from rsmbench import rsm, tasks
+from rsmbench.method import Context
+from rsmbench.models import Policy, frozen_copy
+from rsmbench.rollout import generators, sample
+
+FORMULATIONS = ("rsm", "original")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in a reward or a loss: the run stops with a failed status."""
+
+
+# ---- generic accounting ---------------------------------------------------------------------------
+@dataclass
+class Counters:
+    reward_queries: int = 0
+    nfe: int = 0
+    wall_time: float = 0.0
+
+
+class CountingPolicy(Policy):
+    """A Policy that adds its network evaluations (samples × CFG branches) to a counter."""
+
+    def __init__(self, net, process, cfg_scale, counters: Counters):
+        super().__init__(net, process, cfg_scale)
+        self.counters = counters
+
+    def __call__(self, x, i, cond=None):
+        self.counters.nfe += x.shape[0] * (2 if cond is not None and self.cfg_scale != 1.0 else 1)
+        return super().__call__(x, i, cond)
+
+
+class CountingReward:
+    """Forwards to a reward and counts its queries (one per sample)."""
+
+    def __init__(self, reward, counters: Counters):
+        self._reward, self.counters = reward, counters
+
+    def __call__(self, x, cond=None):
+        self.counters.reward_queries += x.shape[0]
+        return self._reward(x, cond)
+
+    def __getattr__(self, name):
+        return getattr(self._reward, name)
+
+
+# ---- the run's resolved configuration --------------------------------------------------------------
+def method_hparams(task_cfg, m) -> dict:
+    over = task_cfg.methods.get(m.id) if task_cfg.get("methods") else None
+    return m.hparams(**(OmegaConf.to_container(over, resolve=True) if over else {}))
+
+
+def run_config(task_cfg, method_id: str, formulation: str, kind: str, seed: int, budget_mode: str | None = None) -> dict:
+    """The fully resolved config of one run (what is hashed, logged as params and as an artifact)."""
+    m = registry.get(method_id)
+    cfg = OmegaConf.to_container(task_cfg, resolve=True)
+    hp = method_hparams(task_cfg, m)
+    mode = budget_mode or cfg["budget"].get("mode", "matched")
+    budget = int(cfg["budget"]["reward_queries"])
+    if mode == "published" and "budget_reward_queries" in hp:
+        budget = int(hp["budget_reward_queries"])
+    return {"task": cfg["name"], "profile": cfg.get("profile", "tiny"), "method": method_id,
+            "formulation": formulation, "process": kind, "seed": int(seed),
+            "hp": hp, "budget": {"mode": mode, "reward_queries": budget},
+            "train": cfg["train"], "eval": cfg["eval"], "alpha": cfg.get("alpha"),
+            "reward": cfg["reward"], "prompts": cfg["prompts"],
+            "process_kwargs": cfg["processes"][kind]["process"], "model": cfg["processes"][kind]["model"]}
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+def _features(reward, x):
+    f = reward.features(x) if hasattr(reward, "features") else x
+    return f.detach().double().reshape(len(f), -1)
+
+
+def frechet(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (the FID formula)."""
+    from scipy import linalg
+
+    a, b = f1.numpy(), f2.numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def diversity(f: torch.Tensor, max_n: int = 512) -> float:
+    """Mean pairwise Euclidean feature distance (first max_n samples)."""
+    f = f[:max_n]
+    n = len(f)
+    return float(torch.cdist(f, f).sum() / (n * (n - 1))) if n > 1 else float("nan")
+
+
+class Evaluator:
+    """The pinned eval protocol of a task on one process; base samples computed once."""
+
+    def __init__(self, task_cfg, process, ref: Policy, reward, shape, gt=None):
+        ev = task_cfg.eval
+        self.process, self.ref, self.reward, self.shape, self.gt = process, ref, reward, shape, gt
+        prompts = list(ev.prompts)
+        n = int(ev.num_samples)
+        self.cond = torch.tensor(prompts).repeat_interleave(math.ceil(n / len(prompts)))[:n]
+        self.seeds = [int(ev.seed_start) + b for b in range(n)]
+        self.stochastic = None if ev.sampler == "sde" else torch.zeros(process.num_steps, dtype=torch.bool)
+        self.path_kl = bool(ev.get("path_kl", True)) and ev.sampler == "sde"
+        self.dim = int(np.prod(shape))
+        self.base = self._sample(ref)
+        self.base_feat = _features(reward, self.base.final)
+        self.base_extra = gt.base_metrics(self.base.final) if gt is not None else {}
+
+    def _sample(self, policy):
+        return sample(policy, self.shape, generators(self.seeds), cond=self._cond(policy),
+                      stochastic=self.stochastic, dtype=next(policy.net.parameters()).dtype)
+
+    def _cond(self, policy):
+        return self.cond if getattr(policy.net, "num_classes", 0) else None
+
+    @torch.no_grad()
+    def kl_to_ref(self, ro) -> torch.Tensor:
+        """Per-sample path KL Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) along θ's trajectories (nats)."""
+        total = torch.zeros(ro.batch_size, dtype=torch.float64)
+        for j, i in enumerate(ro.steps.tolist()):
+            x = ro.states[:, j]
+            mu_ref = self.process.mean(x, self.ref(x, i, ro.cond), i)
+            total += self.dim * self.process.kl(ro.means[:, j], mu_ref, i).double()
+        return total
+
+    @torch.no_grad()
+    def __call__(self, policy) -> tuple[dict, torch.Tensor]:
+        ro = self._sample(policy)
+        x = ro.final
+        r = self.reward(x, ro.cond).detach().double()
+        feat = _features(self.reward, x)
+        out = {"eval/reward_mean": r.mean().item(), "eval/reward_std": r.std().item(),
+               "eval/diversity": diversity(feat), "eval/prior_frechet": frechet(feat, self.base_feat)}
+        if self.path_kl:
+            out["eval/kl_ref"] = self.kl_to_ref(ro).mean().item()
+        if self.gt is not None:
+            gm = self.gt.run_metrics(x, out["eval/reward_mean"], out.get("eval/kl_ref", 0.0),
+                                     self.base_extra["J_star_model"])
+            out.update({f"eval/{k}": v for k, v in gm.items()})
+        return out, x
+
+
+def plot_samples(path: Path, x: torch.Tensor, title: str, base=None, target=None) -> None:
+    """A PNG of the eval samples: a scatter plot for 2-D data, an image grid otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = x.detach().float().cpu()
+    if x.dim() == 2:
+        fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=90)
+        for pts, c, lab in ((target, "tab:green", "exact target"), (base, "tab:gray", "base"), (x, "tab:red", "model")):
+            if pts is not None:
+                p = pts[:1024].float()
+                ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.35, c=c, label=lab)
+        ax.set_xlim(-7, 7), ax.set_ylim(-6, 8), ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    else:
+        n = min(16, len(x))
+        imgs = ((x[:n].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+        cols = 4
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2), dpi=90, squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if k < n:
+                ax.imshow(imgs[k].squeeze(), cmap="gray" if imgs[k].shape[-1] == 1 else None)
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- checkpoints of a run ----------------------------------------------------------------------------
+def save_state(path: Path, net, opt, it: int, counters: Counters, pending: list) -> None:
+    """Atomic run checkpoint: net (safetensors) + optimizer/counters/pending metrics (torch, weights-only)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path / "net.tmp"))
+    torch.save({"opt": opt.state_dict(), "iteration": it, "counters": vars(counters), "pending": pending},
+               path / "state.tmp")
+    os.replace(path / "net.tmp", path / "net.safetensors")
+    os.replace(path / "state.tmp", path / "state.pt")
+
+
+def load_state(path: Path):
+    if not (path / "state.pt").is_file() or not (path / "net.safetensors").is_file():
+        return None
+    st = torch.load(path / "state.pt", weights_only=True)
+    st["net"] = load_file(str(path / "net.safetensors"))
+    return st
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    iterations: int
+    counters: Counters
+    final_eval: dict = field(default_factory=dict)
+
+
+def _stat(v) -> float:
+    return float(v.detach().double().mean()) if torch.is_tensor(v) else float(v)
+
+
+def _check_finite(name: str, v: torch.Tensor, it: int) -> None:
+    if not torch.isfinite(v.detach()).all():
+        bad = "NaN" if torch.isnan(v.detach()).any() else "inf"
+        raise NonFiniteError(f"{name} is {bad} at iteration {it}; the run is stopped")
+
+
+def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir: Path | None = None,
+              on_iteration=None, stop_after: int | None = None) -> RunResult:
+    """Run one method × formulation × process × seed to its reward-query budget.
+
+    log_metrics(metrics: dict, step) and log_artifact(path) receive what is logged (MLflow in the
+    bench; lists in tests). ``stop_after`` simulates a kill after that many iterations (tests).
+    """
+    torch.manual_seed(rc["seed"])
+    m = registry.get(rc["method"])
+    kind, formulation = rc["process"], rc["formulation"]
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)}")
+    tr, dtype = rc["train"], tasks.DTYPES[rc["train"]["dtype"]]
+    process = tasks.build_process(task_cfg, kind)
+    base_reward = tasks.build_reward(task_cfg)
+    counters = Counters()
+    reward = CountingReward(base_reward, counters)
+    net = tasks.load_base(task_cfg, kind, dtype)
+    net.train().requires_grad_(True)
+    shape = tasks.sample_shape(task_cfg.processes[kind].model)
+    cfg_scale = float(tr["cfg_scale"])
+    policy = CountingPolicy(net, process, cfg_scale, counters)
+    ref = CountingPolicy(frozen_copy(net), process, cfg_scale, counters)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=float(tr["lr"]),
+                            weight_decay=float(tr["weight_decay"]))
+    gt = tasks.ground_truth(task_cfg, base_reward)
+    evaluator = Evaluator(task_cfg, process, Policy(ref.net, process, cfg_scale), base_reward, shape, gt)
+    log_metrics = log_metrics or (lambda metrics, step: None)
+    log_artifact = log_artifact or (lambda path: None)
+
+    start, pending = 0, []
+    st = load_state(ckpt_dir) if ckpt_dir is not None else None
+    if st is not None:  # resume
+        net.load_state_dict(st["net"])
+        opt.load_state_dict(st["opt"])
+        start = int(st["iteration"])
+        counters.__dict__.update(st["counters"])
+        pending = st["pending"]
+    for step, metrics in pending:  # logged before the kill? the logger drops steps already present
+        log_metrics(metrics, step)
+    pending = []
+
+    budget = int(rc["budget"]["reward_queries"])
+    max_it, every, ck_every = int(tr["max_iterations"]), int(rc["eval"]["every"]), int(tr["checkpoint_every"])
+    prompts = list(rc["prompts"]["train"])
+    cond = torch.tensor(prompts).repeat_interleave(int(tr["batch_per_prompt"]))
+    ctx_hp = dict(rc["hp"])
+
+    def evaluate(it: int) -> dict:
+        net.eval()
+        ev, x = evaluator(Policy(net, process, cfg_scale))
+        ev["iteration"] = it
+        if gt is not None and it == 0:
+            ev.update({f"eval/{k}": v for k, v in evaluator.base_extra.items()})
+        if ckpt_dir is not None:
+            png = ckpt_dir / f"samples_{it:06d}.png"
+            plot_samples(png, x, f"{rc['method']} ({formulation}, {kind}, seed {rc['seed']}) iteration {it}",
+                         base=evaluator.base.final, target=None if gt is None else gt.exact_a)
+            log_artifact(png)
+        return ev
+
+    if start == 0:
+        pending.append((0, evaluate(0)))
+    it, t_prev, final_eval = start, time.time(), {}
+    while counters.reward_queries < budget and it < max_it:
+        if stop_after is not None and it - start >= stop_after:
+            break
+        it += 1
+        behaviour = CountingPolicy(frozen_copy(net), process, cfg_scale, counters)
+        ctx = Context(process=process, policy=policy, ref=ref, behaviour=behaviour, reward=reward,
+                      hp=ctx_hp, shape=shape)
+        seeds = [(rc["seed"] * 1_000_003 + it) * 65_536 + k for k in range(len(cond))]
+        net.eval()
+        batch = m.collect(ctx, cond, seeds)  # a net without classes ignores cond; groups use it
+        m.prepare(batch, ctx)
+        _check_finite("reward", batch.rewards, it)
+        net.train()
+        losses, gnorms = [], []
+        for _ in range(int(ctx_hp.get("inner_updates", tr["inner_updates"]))):
+            if formulation == "original":
+                loss = m.original_loss(batch, ctx)
+            else:
+                loss = rsm.rsm_loss(policy, ref, m.rsm_spec(batch, ctx))
+            _check_finite("loss", loss, it)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(net.parameters(), float(tr["grad_clip"]))
+            _check_finite("gradient norm", gn, it)
+            opt.step()
+            losses.append(loss.item()), gnorms.append(gn.item())
+        now = time.time()
+        counters.wall_time += now - t_prev
+        t_prev = now
+        r = batch.rewards.detach().double()
+        metrics = {"iteration": it, "train/reward_mean": r.mean().item(), "train/reward_std": r.std().item(),
+                   "train/reward_queries": counters.reward_queries, "train/nfe": counters.nfe,
+                   "train/wall_time": counters.wall_time, "train/loss": float(np.mean(losses)),
+                   "train/grad_norm": float(np.mean(gnorms))}
+        stats = batch.extras.get("stats", {})
+        metrics.update({f"train/{k}": _stat(v) for k, v in stats.items()})
+        if "approx_kl" not in stats:
+            metrics["train/approx_kl"] = _approx_kl(process, policy.net, behaviour, batch, cfg_scale)
+        for k in ("nfe", "reward_queries"):
+            if k in batch.extras:
+                metrics[f"train/method_reported_{k}"] = _stat(batch.extras[k])
+        done = counters.reward_queries >= budget or it >= max_it
+        if done or it % every == 0:
+            final_eval = evaluate(it)
+            metrics.update(final_eval)
+        pending.append((it, metrics))
+        if on_iteration:
+            on_iteration(it, metrics)
+        if ckpt_dir is not None and (done or it % ck_every == 0):
+            save_state(ckpt_dir, net, opt, it, counters, pending)
+            for step, mm in pending:
+                log_metrics(mm, step)
+            pending = []
+        t_prev = time.time()  # eval and logging are not training wall time
+    if ckpt_dir is None:
+        for step, mm in pending:
+            log_metrics(mm, step)
+    return RunResult(iterations=it, counters=counters, final_eval=final_eval)
+
+
+@torch.no_grad()
+def _approx_kl(process, net, behaviour, batch, cfg_scale) -> float:
+    """Mean per-step KL(p_θ ‖ p_θ†) per element over the batch's stochastic rows, after the update."""
+    rows = batch.rows
+    keep = getattr(rows, "stochastic", None)
+    if keep is None or getattr(rows, "mean", None) is None:
+        return float("nan")
+    if not bool(keep.any()):
+        return float("nan")
+    rows = rows.select(torch.nonzero(keep).flatten())
+    mu = process.mean(rows.x, Policy(net, process, cfg_scale)(rows.x, rows.step, rows.cond), rows.step)
+    return process.kl(mu, rows.mean, rows.step).mean().item()
