@@ -128,9 +128,10 @@ class Tree:
         return torch.cat([self.path_states(p)[: int(self.start[node])], own])  # own[0] = parent's x_start
 
     def final(self, nodes=None) -> torch.Tensor:
-        """Final states x_N of the given nodes (default: the leaves)."""
-        nodes = self.leaves if nodes is None else nodes
-        return torch.stack([self.node_states(int(n))[-1] for n in nodes])
+        """Last states x_{end_n} of the given nodes (default: the leaves, whose end is x_N)."""
+        nodes = self.leaves if nodes is None else torch.as_tensor(nodes)
+        last = torch.cat([ro.states[:, -1] for ro in self.segments])  # node ids are allocated in segment order
+        return last[nodes]
 
     def node_log_prob(self) -> torch.Tensor:
         """(M,) Σ of behaviour ⟨log p⟩ over each node's stochastic transitions (0 if none)."""
@@ -179,13 +180,21 @@ def _uses_cfg(policy, cond) -> bool:
     return cond is not None and policy.cfg_scale != 1.0
 
 
+def ode_root(policy, shape, cond, seeds, dtype=torch.float32) -> Rollout:
+    """The deterministic root (DDIM η = 0 / Euler ODE) from each seed's initial noise: the same
+    sampler loop with an all-False ``stochastic`` mask."""
+    N = policy.process.num_steps
+    return sample(policy, shape, generators(seeds), cond=cond, stochastic=torch.zeros(N, dtype=torch.bool),
+                  dtype=dtype)
+
+
 def localised_tree(policy, shape, cond, seeds, k, dtype=torch.float32) -> Tree:
     """Deterministic ODE root per seed, k_i one-step-SDE branches at each transition i, each
     continued by the ODE (digest §4.2 "stochasticity localization", §9.3–9.4)."""
     N = policy.process.num_steps
     k = branch_schedule(k, N)
     B = len(seeds)
-    root = _segment(policy, shape, generators(seeds), cond, torch.zeros(N, dtype=torch.bool), None, 0, N, dtype)
+    root = ode_root(policy, shape, cond, seeds, dtype)
     segs, seg_nodes = [root], [torch.arange(B)]
     parent, rootix, depth, start = [torch.full((B,), -1)], [torch.arange(B)], [torch.zeros(B, dtype=torch.long)], \
         [torch.zeros(B, dtype=torch.long)]

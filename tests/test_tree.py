@@ -44,7 +44,7 @@ def test_localised_tree_shape_prefixes_and_counted_nfe(kind):
     for leaf in leaves.tolist():
         i, r = int(t.start[leaf]), int(t.root[leaf])
         path = t.path_states(leaf)
-        assert path.shape == (7, 2)
+        assert path.shape == (7, 2) and torch.equal(t.final(torch.tensor([leaf]))[0], path[-1])
         assert torch.equal(path[: i + 1], root.states[r, : i + 1])  # shared prefix, bit-identical
         assert not torch.equal(path[i + 1], root.states[r, i + 1])  # the one SDE step differs
         seg = t.segments[[int(ids[0]) <= leaf <= int(ids[-1]) for ids in t.seg_nodes].index(True)]
