@@ -56,7 +56,8 @@ class ResidualNablaDB(Method):
                    "x' cancels in s̃_θ − s̃_ref; G re-evaluated at the current θ in both")
     approx_reason = ("use_flow_net=True: learned ∇g_φ(x') shifts the forward target (gap ∝ ∇g_φ, "
                      "vanishes as flow_scale → 0); reverse/terminal losses do not reach θ")
-    defaults = {"reward_scale": 1.0, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
+    defaults = {"reward_scale": 1.0, "reward_adaptive_mode": "squared", "reward_adaptive_sigma_scale": 1.0,
+                "pretrained_strength": 1.0,
                 "forward_loss_scale": 1.0, "unet_reg_scale": 1.0, "use_flow_net": False,
                 "reverse_loss_scale": 1.0, "flow_scale": 1.0, "flow_seed": 3000}
     presets = {
@@ -87,15 +88,18 @@ class ResidualNablaDB(Method):
         return self._flow
 
     # -- the original -----------------------------------------------------------------------------
-    def _kappa(self, ab, ctx):
+    def _kappa(self, ctx, ab, std):
+        """``reward_adaptive_mode`` as the code: ᾱ ('squared'), √ᾱ ('sqrt', nabla-gfn's else
+        branch), s·σ_t ('sigma', RSM port), 1 ('constant')."""
         mode = ctx.hp["reward_adaptive_mode"]
-        if mode == "squared":
-            return ab
-        if mode == "sqrt":
-            return ab.sqrt()
-        raise ValueError(f"nabla_db original supports reward_adaptive_mode squared/sqrt, got {mode!r}")
+        table = {"squared": lambda: ab, "sqrt": lambda: ab.sqrt(),
+                 "sigma": lambda: ctx.hp.get("reward_adaptive_sigma_scale", 1.0) * std,
+                 "constant": lambda: torch.ones_like(ab)}
+        if mode not in table:
+            raise ValueError(f"unknown reward_adaptive_mode {mode!r}; choose {', '.join(table)}")
+        return table[mode]()
 
-    def _score_r(self, ctx, x, step, cond, ab):
+    def _score_r(self, ctx, x, step, cond, ab, std):
         """λ·κ·∇_x r(x̂_0(x; ε_θ(x, t))) at model step `step` (x̂_0 = x past the last step)."""
         p = ctx.process
         N = p.num_steps
@@ -107,7 +111,8 @@ class ResidualNablaDB(Method):
             x0 = (xg - (1 - abt).sqrt() * eps) / abt.sqrt()
             x0 = torch.where(_el(step >= N, xg), xg, x0)
             (G,) = torch.autograd.grad(ctx.reward(x0, cond).sum(), xg)
-        return ctx.hp["reward_scale"] * _el(self._kappa(ab.to(x.dtype), ctx), x) * G.detach()
+        kappa = self._kappa(ctx, ab.to(x.dtype), std.to(x.dtype))
+        return ctx.hp["reward_scale"] * _el(kappa, x) * G.detach()
 
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
@@ -119,7 +124,7 @@ class ResidualNablaDB(Method):
             eps_ref = ctx.ref(x, i, cond)
         score_pf = -(xn - p.mean(x, eps, i)) / std2 * k  # k·s̃_θ
         score_pf_ref = -(xn - p.mean(x, eps_ref, i)) / std2 * k
-        score_r_next = self._score_r(ctx, xn, i + 1, cond, p.alphas_cumprod_prev[i])
+        score_r_next = self._score_r(ctx, xn, i + 1, cond, p.alphas_cumprod_prev[i], p.sde.std[i])
         target = score_pf_ref + score_r_next
         end = i == p.num_steps - 1
         loss = 0.0
@@ -146,7 +151,7 @@ class ResidualNablaDB(Method):
                 (gx,) = torch.autograd.grad(((xn - p.mean(xg, pol(xg, i, cond), i)) ** 2).sum(), xg)
             return -gx.detach() / (2 * std2) * k
 
-        score_r = self._score_r(ctx, x, i, cond, p.alphas_cumprod_t[i])
+        score_r = self._score_r(ctx, x, i, cond, p.alphas_cumprod_t[i], p.sde.std[i])
         tgt = rev(ctx.ref) - flow(x, p.timesteps[i].to(x.dtype), cond) - score_r
         tgt = torch.where(_el(end, x), torch.zeros_like(tgt), tgt)
         return elementwise_mean((rev(ctx.policy) - tgt) ** 2)
@@ -158,6 +163,7 @@ class ResidualNablaDB(Method):
         G = fo.next_state(ctx.policy, ctx.reward, rows, jacobian=True)
         R = len(rows)
         return RSMSpec(rows=rows, psi=fo.stein_shift(p, rows, G, hp["reward_scale"]),
-                       gamma=weights.nabla_db_kappa(p, rows, hp["reward_adaptive_mode"]) / k,
+                       gamma=weights.nabla_db_kappa(p, rows, hp["reward_adaptive_mode"],
+                                                    hp.get("reward_adaptive_sigma_scale", 1.0)) / k,
                        c1=hp["forward_loss_scale"] * weights.transition_matching(p, rows, k),
                        c2=torch.full((R,), float(hp["unet_reg_scale"]), dtype=rows.x.dtype), anchor="ref")

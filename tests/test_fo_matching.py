@@ -158,6 +158,20 @@ def test_discount_and_kappa_by_hand():
     assert math.isclose(c1[3].item(), (2.0 * p.sde.B[3] / p.sde.std[3] ** 2).item() ** 2, rel_tol=1e-14)
 
 
+@pytest.mark.parametrize("method,process,hp", [
+    ("vgg_flow", "flow", {"eta_mode": "linear", "unet_reg_scale": 0.3, "reward_scale": 2.0}),
+    ("vgg_flow", "flow", {"clip": "none"}),
+    ("nabla_db", "diffusion", {"reward_adaptive_mode": "sigma", "pretrained_strength": 0.5}),
+    ("nabla_db", "diffusion", {"reward_adaptive_mode": "sqrt", "forward_loss_scale": 3.0, "unet_reg_scale": 0.0}),
+    ("sqdf", "diffusion", {"lookahead_steps": 3, "gamma_d": 0.5, "alpha": 0.2}),
+])
+def test_hyperparameter_variants_stay_exact(method, process, hp):
+    rec = equivalence.check(method, process, "float64", hp=hp, offpolicy_steps=0)
+    assert rec.max_rel_err <= 1e-9 and rec.passed, rec
+    if rec.kind == "loss":
+        assert rec.loss_rel_err <= 1e-9
+
+
 # ---- unpruned originals: the approximate gap, and its limit --------------------------------------
 
 @pytest.mark.parametrize("method,process,preset,scale_key", [
