@@ -285,8 +285,10 @@ class LatentNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, kind: str, embeds: torch.Tensor, pooled: torch.Tensor | None = None,
-                 autocast_dtype=None):
+                 autocast_dtype=None, state_dtype=torch.float32):
         super().__init__()
+        # first in parameters(): the dtype the core reads for states and process math (method._dtype)
+        self.state_dtype = nn.Parameter(torch.empty(0, dtype=state_dtype), requires_grad=False)
         self.backbone, self.kind = backbone, kind
         self.prediction = "epsilon" if kind == "diffusion" else "v"
         self.num_classes = embeds.shape[0] - 1  # the last row is the null (empty) prompt
@@ -295,7 +297,9 @@ class LatentNet(nn.Module):
         self.autocast_dtype = autocast_dtype
         object.__setattr__(self, "runner", backbone)  # not a submodule: parameters stay the backbone's
 
-    def forward(self, x, t, cond=None):
+    def forward(self, x, t, cond=None, raw: bool = False):
+        """raw: call the bare backbone, not its DDP wrapper (the reference / behaviour views)."""
+        run = self.backbone if raw else self.runner
         B = x.shape[0]
         cond = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device) if cond is None else cond.to(x.device)
         t = t.to(x.device).reshape(-1).expand(B)
@@ -304,9 +308,9 @@ class LatentNet(nn.Module):
               else contextlib.nullcontext())
         with ac:
             if self.kind == "diffusion":
-                out = self.runner(x, t, encoder_hidden_states=emb).sample
+                out = run(x, t, encoder_hidden_states=emb).sample
             else:
-                out = self.runner(hidden_states=x, timestep=t, encoder_hidden_states=emb,
+                out = run(hidden_states=x, timestep=t, encoder_hidden_states=emb,
                                   pooled_projections=self.pooled[cond]).sample
         return out.to(x.dtype)
 
@@ -329,7 +333,7 @@ class ReferenceNet(nn.Module):
         bb = self.net.backbone
         bb.disable_adapters()
         try:
-            return self.net(x, t, cond)
+            return self.net(x, t, cond, raw=True)
         finally:
             bb.enable_adapters()
 
@@ -359,7 +363,7 @@ class BehaviourNet(nn.Module):
             for p, s in zip(params, self.snapshot):
                 p.data = s  # pointer swap: tensors saved by a live autograd graph are untouched
                 p.requires_grad_(False)
-            return self.net(x, t, cond)
+            return self.net(x, t, cond, raw=True)
         finally:
             for p, d in zip(params, live):
                 p.data = d
@@ -375,7 +379,8 @@ def add_lora(backbone: nn.Module, r: int, alpha: float, targets, seed: int = 0):
     backbone.requires_grad_(False)
     torch.manual_seed(seed)
     backbone.add_adapter(LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
-    cast_training_params(backbone, dtype=torch.float32)
+    base = next(p for p in backbone.parameters()).dtype
+    cast_training_params(backbone, dtype=torch.float64 if base == torch.float64 else torch.float32)
     return backbone
 
 
@@ -465,7 +470,8 @@ def build(method, profile: str, pixel_reward, prompts="simple_animals", model: s
             m.requires_grad_(False)
     pipe.vae.to(dtype=dtype if wdtype in (torch.float32, torch.float64) else torch.float32)  # fp32 VAE decode
     autocast = None if wdtype in (torch.float32, torch.float64) else wdtype
-    net = LatentNet(backbone, prof.kind, embeds.to(dtype), None if pooled is None else pooled.to(dtype), autocast)
+    net = LatentNet(backbone, prof.kind, embeds.to(dtype), None if pooled is None else pooled.to(dtype), autocast,
+                    state_dtype=dtype).to(device)
     n = num_steps or prof.num_steps[method.order]
     process = make_process(prof.kind, num_steps=n, **_process_kw(prof, pipe))
     w = cfg_scale if cfg_scale is not None else prof.cfg_scale[method.order]
