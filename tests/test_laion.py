@@ -68,3 +68,40 @@ def test_missing_weights_one_line(tmp_path, monkeypatch):
     # the bench's check goes through the reward's check_weights too
     with pytest.raises(fs.MissingWeights):
         fs.check_weights("sd15", model=str(tmp_path), reward="aesthetic")
+
+
+# ---- preference rewards: code path with random weights, and the missing-weights lines --------------
+def test_pickscore_code_path():
+    from transformers import CLIPConfig, CLIPModel
+
+    from rewards.preference import PickScore
+
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                      eos_token_id=49407, pad_token_id=49407),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        patch_size=32, image_size=64), projection_dim=8)
+    torch.manual_seed(0)
+    r = PickScore(CLIPModel(cfg), fs.clip_tokenizer(), prompts=["a cat", "a dog"])
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    s = r(x, torch.tensor([0, 1]))
+    assert s.shape == (2,) and torch.isfinite(s).all()
+    (g,) = torch.autograd.grad(s.sum(), x)
+    assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs prompts"):
+        PickScore(CLIPModel(cfg), fs.clip_tokenizer())(x)
+
+
+@pytest.mark.parametrize("name,needle", [("pickscore", "yuvalkirstain/PickScore_v1"),
+                                         ("hpsv2", "open_clip"), ("imagereward", "image-reward")])
+def test_preference_missing_one_line(tmp_path, monkeypatch, name, needle):
+    import importlib.util
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    if name != "pickscore" and importlib.util.find_spec({"hpsv2": "open_clip", "imagereward": "ImageReward"}[name]):
+        needle = {"hpsv2": "HPS_v2.1_compressed.pt", "imagereward": "ImageReward.pt"}[name]
+    with pytest.raises(fs.MissingWeights) as e:
+        rewards.get(name)
+    assert "\n" not in str(e.value) and needle in str(e.value)
+    with pytest.raises(fs.MissingWeights):
+        rewards.REWARDS[name].check_weights()
