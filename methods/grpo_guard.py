@@ -54,7 +54,7 @@ class GRPOGuard(Method):
         log_ratio = p.log_prob(rows.x_next, mu, rows.step) - rows.log_prob
         s = p.std(rows.step).to(out.dtype)
         ratio = trust.ratio_norm(log_ratio, elementwise_mean((mu - rows.mean) ** 2), s)
-        batch.extras["stats"] = trust.ppo_stats(torch.log(ratio), eps)
+        batch.extras["stats"] = trust.ppo_stats(torch.log(ratio), eps, None, log_ratio)
         dt = p.dt[rows.step].to(out.dtype)
         return (trust.ppo_clip(ratio, A, eps) / dt).mean()
 

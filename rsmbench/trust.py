@@ -52,11 +52,15 @@ def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_ratio**2).mean()
 
 
-def ppo_stats(log_ratio: torch.Tensor, clip_range: float, clip_range_gt: float | None = None) -> dict:
-    """The diagnostics every clipped method reports (detached floats)."""
+def ppo_stats(log_ratio: torch.Tensor, clip_range: float, clip_range_gt: float | None = None,
+              policy_log_ratio: torch.Tensor | None = None) -> dict:
+    """The diagnostics every clipped method reports (detached floats): ``clipfrac`` of the clipped
+    (possibly rescaled/normalised) log-ratio, ``approx_kl`` = ½⟨Δ²⟩ of the policy's own log-ratio
+    Δ = ⟨log p_θ⟩ − ⟨log p_θ†⟩ (``policy_log_ratio``, defaulting to the clipped one)."""
     lr = log_ratio.detach()
+    plr = lr if policy_log_ratio is None else policy_log_ratio.detach()
     return {"clipfrac": clipfrac(torch.exp(lr), clip_range, clip_range_gt).item(),
-            "approx_kl": approx_kl(lr).item()}
+            "approx_kl": approx_kl(plr).item()}
 
 
 def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.Tensor, form: str = "logrho",
@@ -67,7 +71,10 @@ def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.
     "logrho":   Δ̃ = (⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ/w_t, loss = ``logrho_clip``(Δ̃, A)
                 (RSM code ``sd3_train_shared.py``: ratio exp(Δ·ζΔt/w^b));
     "matching": term = ½⟨(κ·Δo)²⟩ + ⟨(κ·Δo)·ξ⟩, Δo = o_θ − o_θ†, loss = ``matching_clip``(term, A)
-                (RSM code ``noise_matching_precision: bad``; term = −Δ̃ exactly, digest §8.5).
+                (RSM code ``noise_matching_precision: bad``): the exact −log ρ of a Gaussian step
+                with weight κ, so term = −Δ for κ = w_t (PCPO-base, digest §8.5); for κ ≠ w_t the
+                two forms share the first-step gradient A·κ·⟨ξ·∂o⟩ but differ off θ† in the
+                quadratic term (½κ² vs ½κw).
     `out` is o_θ on the rows (CFG-combined); ⟨·⟩ per-element means."""
     from rsmbench.rsm import elementwise_mean  # local: rsm imports rollout, keep this module light
 
@@ -75,12 +82,14 @@ def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.
         w = process.weight(rows.step).to(out.dtype)
         lp = process.log_prob(rows.x_next, process.mean(rows.x, out, rows.step), rows.step)
         log_ratio = (lp - rows.log_prob) * kappa / w
-        return logrho_clip(log_ratio, adv, clip_range), ppo_stats(log_ratio, clip_range)
+        return logrho_clip(log_ratio, adv, clip_range), ppo_stats(log_ratio, clip_range, None, lp - rows.log_prob)
     if form == "matching":
         k = kappa.reshape(-1, *([1] * (out.dim() - 1)))
         d = k * (out - rows.out_behaviour)
         term = elementwise_mean(0.5 * d**2 + d * rows.noise)
-        return matching_clip(term, adv, clip_range), ppo_stats(-term, clip_range)
+        dw = process.weight(rows.step).to(out.dtype).reshape(k.shape) * (out - rows.out_behaviour)
+        policy_log_ratio = -elementwise_mean(0.5 * dw**2 + dw * rows.noise)  # Δ in closed form
+        return matching_clip(term, adv, clip_range), ppo_stats(-term, clip_range, None, policy_log_ratio)
     raise ValueError(f"PCPO form must be 'logrho' or 'matching', got {form!r}")
 
 

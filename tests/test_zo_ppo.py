@@ -141,3 +141,26 @@ def test_image_states(method, process):
     m.prepare(batch, ctx)
     g_o, g_r, _, _ = equivalence.both_gradients(m, batch, ctx)
     assert equivalence.compare(g_o, g_r)["max_rel_err"] <= 1e-9
+
+
+@pytest.mark.parametrize("method,process", [("pcpo", "diffusion"), ("pcpo_reweight", "flow")])
+def test_pcpo_forms_off_policy(method, process):
+    """Off θ†: both forms report the same policy log-ratio (approx_kl); for PCPO-base (κ = w_t)
+    the matching term is exactly −log ρ, so the two forms keep equal gradients; for PCPO-reweight
+    (κ ≠ w_t) they differ in the quadratic term, so only the first-step gradients agree."""
+    m = get(method)
+    ctx = equivalence.build_context(m, process)
+    batch = equivalence.collect(m, ctx)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for p in ctx.policy.net.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    params = list(ctx.policy.net.parameters())
+    grads, kls = [], []
+    for form in ("logrho", "matching"):
+        ctx.hp["form"] = form
+        grads.append(equivalence.flat_grad(m.original_loss(batch, ctx), params))
+        kls.append(batch.extras["stats"]["approx_kl"])
+    assert kls[0] > 0 and abs(kls[0] - kls[1]) <= 1e-9 * kls[0]
+    gap = (grads[0] - grads[1]).abs().max() / grads[0].abs().max()
+    assert gap <= 1e-9 if method == "pcpo" else gap > 1e-6
