@@ -189,7 +189,7 @@ def load_pipeline(profile: str, model: str | None = None, dtype=torch.float32, a
 
 
 # ---- random-init pipelines of the right shapes (tests, GPU check) -------------------------------
-def random_pipeline(kind: str, size: str = "tiny", seed: int = 0):
+def random_pipeline(kind: str, size: str = "tiny", seed: int = 0, device=None):
     """An SD1.5-shaped (kind='diffusion') or SD3-shaped (kind='flow') pipeline built from config with
     random weights and the real CLIP tokenizer. size='tiny': a few k–M parameters (CPU tests);
     size='full': the published backbone and VAE configs (SD1.5 UNet 860 M; SD3.5-Medium MMDiT 2.5 B),
@@ -198,6 +198,9 @@ def random_pipeline(kind: str, size: str = "tiny", seed: int = 0):
                            StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if device is not None:  # initialise directly on `device` (a 2.5 B MMDiT initialises in seconds on a GPU)
+        with torch.device(device):
+            return random_pipeline(kind, size, seed)
     torch.manual_seed(seed)
     tok = clip_tokenizer()
     full = size == "full"
