@@ -1,7 +1,7 @@
 """DRaFT: direct reward fine-tuning, reward backprop through the sampling chain.
 
 Paper: Clark, Vicol, Swersky, Fleet 2023, "Directly Fine-Tuning Diffusion Models on
-Differentiable Rewards", arXiv 2309.17400 (ICLR 2024): Algorithm 1 (DRaFT), §3 DRaFT-K
+Differentiable Rewards", arXiv 2309.17400 (ICLR 2024), method section: DRaFT (Algorithm 1), DRaFT-K
 (backprop only through the last K sampling steps, K = 1 recommended) and DRaFT-LV (K = 1 with n
 extra re-noisings of the final sample x_0 → x_1 and one differentiable denoising step each,
 n = 2; averaged).
@@ -119,14 +119,15 @@ class RewardBackprop(Method):
 @register
 class DRaFT(RewardBackprop):
     id = "draft"
-    paper = "Clark et al. 2023, arXiv 2309.17400, Alg. 1, §3 (DRaFT-K, DRaFT-LV)"
+    paper = "Clark et al. 2023, arXiv 2309.17400, Algorithm 1 and the DRaFT-K / DRaFT-LV variants"
     table1 = "not a Table 1 row (digest §8.11)"
     defaults = {"k": 1, "lv_draws": 0, "reward_scale": 1.0, "reward_loss": "neg", "reward_target": None,
                 "stochastic": True, "checkpoint": False}
     presets = {
-        "draft_1": {"k": 1, "lv_draws": 0, "source": "arXiv 2309.17400 §3: DRaFT-K with K = 1"},
+        "draft_1": {"k": 1, "lv_draws": 0,
+                    "source": "arXiv 2309.17400: DRaFT-K with K = 1 (the paper's recommended setting)"},
         "draft_full": {"k": None, "lv_draws": 0,
                        "source": "arXiv 2309.17400 Alg. 1: DRaFT without truncation (K = all steps)"},
         "draft_lv": {"k": 1, "lv_draws": 2,
-                     "source": "arXiv 2309.17400 §3: DRaFT-LV, n = 2 re-noisings of the last step"},
+                     "source": "arXiv 2309.17400: DRaFT-LV, n = 2 re-noisings of the last step"},
     }
