@@ -495,3 +495,27 @@ def _process_kw(prof: Profile, pipe) -> dict:
     else:
         kw["shift"] = cfg.get("shift", 3.0)
     return kw
+
+
+def main(argv=None) -> int:
+    """``python -m rsmbench.fullscale --profile sd15 [--model DIR|ID] [--reward NAME]``: check that the
+    weights a full-scale run needs are present. Prints the model directory, or one line naming what
+    is missing and how to provide it, with exit code 2."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="check the weights of a full-scale profile")
+    ap.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--reward", default=None)
+    args = ap.parse_args(argv)
+    try:
+        print(check_weights(args.profile, args.model, args.reward))
+    except MissingWeights as e:
+        print(f"error: {e}", file=sys.stderr)
+        return MissingWeights.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,3 +174,17 @@ def test_local_directory_roundtrip(tmp_path):
     loaded = fs.load_pipeline("sd15", model=str(tmp_path / "sd"))
     a = dict(pipe.unet.named_parameters())["conv_in.weight"]
     assert torch.equal(dict(loaded.unet.named_parameters())["conv_in.weight"], a)
+
+
+def test_missing_weights_exit_code_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert fs.main(["--profile", "sd35"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stabilityai/stable-diffusion-3.5-medium" in err
+    monkeypatch.setenv("RSMBENCH_AESTHETIC_HEAD", str(tmp_path / "head.pth"))
+    pipe = fs.random_pipeline("diffusion")
+    pipe.save_pretrained(tmp_path / "sd")
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    assert fs.main(["--profile", "sd15", "--model", str(tmp_path / "sd"), "--reward", "aesthetic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "head.pth" in err
