@@ -32,15 +32,21 @@ class ReinforceKL(Method):
     paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); RSM digest §8.4"
     table1 = "REINFORCE + KL reg"
     kind_reason = "on-policy, closed-form per-step KL, terminal reward, same x_t and ξ in both losses"
-    defaults = {"beta": 0.01, "normalize_advantage": False}
+    defaults = {"beta": 0.01, "normalize_advantage": False, "baseline": "mean"}
     presets = {
         "dpok": {"beta": 0.01, "normalize_advantage": False,
                  "source": "google-research/dpok README: --kl_weight 0.01"},
     }
 
     def prepare(self, batch, ctx):
-        groups = None if batch.cond is None else batch.cond
-        adv = group_advantages(batch.rewards, groups, normalize=ctx.hp["normalize_advantage"])
+        """A = r − mean_prompt(r) (control variate, digest §4.2), optionally / std; or raw r."""
+        if ctx.hp["baseline"] == "none":
+            adv = batch.rewards.clone()
+        elif ctx.hp["baseline"] == "mean":
+            groups = None if batch.cond is None else batch.cond
+            adv = group_advantages(batch.rewards, groups, normalize=ctx.hp["normalize_advantage"])
+        else:
+            raise ValueError(f"baseline must be 'mean' or 'none', got {ctx.hp['baseline']!r}")
         batch.extras["advantages"] = adv  # per sample
 
     def original_loss(self, batch, ctx):

@@ -64,10 +64,25 @@ def _add_bench(sub):
     bench.add_parser(sub)
 
 
-SUBCOMMANDS = [_add_equiv, _add_pretrain, _add_bench]
+def _add_sweep(sub):
+    from rsmbench import sweep
+
+    sweep.add_parser(sub)
+
+
+def _add_report(sub):
+    from rsmbench import report
+
+    report.add_parser(sub)
+
+
+SUBCOMMANDS = [_add_equiv, _add_pretrain, _add_bench, _add_sweep, _add_report]
 
 
 def main(argv=None) -> int:
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter (e.g. schema creation) on stderr
     parser = _Parser(prog="rsmbench", description="Reward Score Matching benchmark suite")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for add in SUBCOMMANDS:

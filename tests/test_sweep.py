@@ -1,0 +1,100 @@
+"""Sweeps: Cartesian expansion with validity reasons, a two-point run that resumes, and the Ray launcher."""
+import textwrap
+
+import pytest
+
+from rsmbench import sweep, tracking
+from rsmbench.cli import main
+
+FAST = ["budget.reward_queries=64", "train.batch_per_prompt=32", "eval.num_samples=64", "eval.every=1000"]
+
+
+def _write(tmp_path, body: str):
+    p = tmp_path / "s.yaml"
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+def test_dry_run_expands_product_and_rejects_invalid_points(tmp_path, capsys):
+    p = _write(tmp_path, f"""
+        name: t
+        tasks: [gmm, compressibility]
+        seeds: [0, 1, 2]
+        overrides: {FAST}
+        axes:
+          est:
+            fo: {{method: rsm_fo}}
+            zo: {{method: reinforce_kl}}
+            two: {{method: grpo, hp: {{beta: 0.0}}}}
+          temporal:
+            own: {{}}
+            bad: {{hp: {{temporal: nonsense}}}}
+    """)
+    pts = sweep.expand(sweep.load(p))
+    # 2 tasks × 3 estimator levels × 2 temporal levels × 3 seeds × (processes the method and task share)
+    procs = {"gmm": 2, "compressibility": 2}
+    assert len(pts) == sum(3 * 2 * 3 * procs[t] for t in procs)
+    reasons = {(pt.task, pt.method, pt.levels["temporal"]): pt.skip for pt in pts}
+    assert "not differentiable" in reasons[("compressibility", "rsm_fo", "own")]
+    assert reasons[("gmm", "rsm_fo", "own")] == ""
+    assert "unknown temporal profile" in reasons[("gmm", "reinforce_kl", "bad")]
+    assert main(["sweep", str(p), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    valid = sum(not pt.skip for pt in pts)
+    assert f"{valid} runs to do ({len(pts) - valid} skipped)" in out
+    assert f"estimated budget {64 * valid} reward queries" in out
+
+
+def test_malformed_sweep_is_one_line_exit_2(tmp_path, capsys):
+    p = _write(tmp_path, "name: x\ntasks: [gmm]\naxes: {a: {}}\n")
+    assert main(["sweep", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "non-empty mapping of levels" in err and len(err.splitlines()) == 1
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    p2 = _write(tmp_path, f"name: y\ntasks: [gmm]\noverrides: {FAST}\naxes:\n  a: {{x: {{method: grpo}}, y: {{method: ddpo}}}}\n"
+                          "  b: {z: {method: grpo}}\n")
+    pts = sweep.expand(sweep.load(p2))
+    assert all("name a method" in pt.skip for pt in pts)
+
+
+def _two_point(tmp_path):
+    return _write(tmp_path, f"""
+        name: two
+        tasks: [gmm]
+        seeds: [0]
+        overrides: {FAST + ["bench.processes=[flow]"]}
+        axes:
+          method:
+            zo: {{method: reinforce_kl, hp: {{beta: 1.0}}}}
+          temporal:
+            own: {{}}
+            uniform: {{hp: {{temporal: uniform}}}}
+    """)
+
+
+def test_two_point_sweep_runs_tags_and_resumes(tmp_path, capsys):
+    p = _two_point(tmp_path)
+    assert main(["sweep", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("new") == 2
+    tr = tracking.Tracker()
+    runs = tr.runs(tr.experiment("gmm"), "tags.sweep = 'two'")
+    assert sorted(r.data.tags["sweep.temporal"] for r in runs) == ["own", "uniform"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert main(["sweep", str(p)]) == 0  # resume: both finished, both skipped
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert len(tr.runs(tr.experiment("gmm"), "tags.sweep = 'two'")) == 2
+
+
+@pytest.mark.slow
+def test_ray_launcher_against_a_local_ray_instance(tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        p = _two_point(tmp_path)
+        assert main(["sweep", str(p), "--launcher", "ray", "--cpus-per-point", "1"]) == 0
+        assert capsys.readouterr().out.count("new") == 2
+    finally:
+        ray.shutdown()
+    tr = tracking.Tracker()
+    assert len(tr.runs(tr.experiment("gmm"), "tags.sweep = 'two'")) == 2
