@@ -231,7 +231,8 @@ def branching_tree(policy, shape, cond, seeds, split_steps, ks, stochastic=None,
             or (split_steps and not 0 <= split_steps[0] < N) or (split_steps and split_steps[-1] >= N) \
             or any(v < 1 for v in ks):
         raise ValueError(f"split steps {split_steps} must increase within [0, {N}) with one k >= 1 each, got k={ks}")
-    stochastic = torch.ones(N, dtype=torch.bool) if stochastic is None else torch.as_tensor(stochastic, dtype=torch.bool)
+    stochastic = torch.ones(N, dtype=torch.bool) if stochastic is None else \
+        torch.as_tensor(stochastic, dtype=torch.bool)
     B = len(seeds)
     bounds = [0, *split_steps, N]
     ro = _segment(policy, shape, generators(seeds), cond, stochastic, None, 0, bounds[1], dtype)

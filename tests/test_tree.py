@@ -122,7 +122,8 @@ def test_branch_grpo_depthwise_advantages_by_hand():
             exp1 = (rewards - 4.5) / ((35 / 4) ** 0.5 + 1e-4)
         else:  # seed: depth 0 groups are single roots (A = 0); depth 1 groups are sibling pairs
             exp0 = torch.zeros(2, dtype=torch.float64)
-            exp1 = torch.tensor([-1.0, 1.0, -2.0, 2.0], dtype=torch.float64) / (torch.tensor([1, 1, 2, 2.0], dtype=torch.float64) + 1e-4)
+            f64 = dict(dtype=torch.float64)
+            exp1 = torch.tensor([-1.0, 1.0, -2.0, 2.0], **f64) / (torch.tensor([1, 1, 2, 2.0], **f64) + 1e-4)
         torch.testing.assert_close(A, torch.cat([exp0, exp1]), rtol=0, atol=1e-12)
         torch.testing.assert_close(A[b.rows.sample], A[t.rows().sample])  # each row carries its node's A
     assert batch.extras["reward_queries"] == 4 and batch.extras["nfe"] == t.nfe == 2 * (1 + 2 * 2)

@@ -67,7 +67,9 @@ def test_kl_anchor_rows_have_zero_guidance_and_pull_to_reference(process):
     loss = rsm_loss(ctx.policy, ctx.ref, sub)
     assert abs(loss.item() - beta_a * kl.item()) <= 1e-12 * abs(loss.item())
     # one gradient step on it moves o_θ toward o_ref on those rows
-    dist = lambda: elementwise_mean((ctx.policy(a.x, a.step, a.cond) - ctx.ref(a.x, a.step, a.cond)) ** 2).mean()  # noqa: E731
+    def dist():
+        return elementwise_mean((ctx.policy(a.x, a.step, a.cond) - ctx.ref(a.x, a.step, a.cond)) ** 2).mean()
+
     before = dist().item()
     params = list(ctx.policy.net.parameters())
     grads = torch.autograd.grad(loss, params)
@@ -82,9 +84,11 @@ def test_rsm_zo_branch_weights_masking_and_nfe():
     m, ctx, batch = _zo_batch("diffusion")
     is_a, rows, kw = batch.extras["kl_anchor"], batch.rows, batch.extras["row_weight"]
     k_avg = (3 + 2 + 3 + 2) / 4  # defaults k = [3, 2, 3, 2]
-    torch.testing.assert_close(kw[~is_a], k_avg / torch.tensor([3.0, 2.0, 3.0, 2.0], dtype=torch.float64)[rows.step[~is_a]])
+    k_row = torch.tensor([3.0, 2.0, 3.0, 2.0], dtype=torch.float64)[rows.step[~is_a]]
+    torch.testing.assert_close(kw[~is_a], k_avg / k_row)
     N, B = ctx.process.num_steps, 8
-    assert batch.extras["nfe"] == B * tree.nfe_localised([3, 2, 3, 2], N) == B * (8 + 10 + (3 * 7 + 2 * 6 + 3 * 5 + 2 * 4))
+    hand = 8 + 10 + (3 * 7 + 2 * 6 + 3 * 5 + 2 * 4)  # N + Σk + Σk(N − i − 1)
+    assert batch.extras["nfe"] == B * tree.nfe_localised([3, 2, 3, 2], N) == B * hand
     assert batch.extras["nfe_cfg"] == 2 * batch.extras["nfe"] and batch.extras["reward_queries"] == B * 10
     # a prompt whose reward is constant: its groups have zero spread, A = 0, its rows are masked
     flat = lambda x, c: torch.where(c == 0, torch.ones(len(x), dtype=x.dtype), equivalence.toy_reward(x))  # noqa: E731
