@@ -45,7 +45,7 @@ def _setup(method_id, kind, prof, **hp):
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     F.sync_behaviour()
     # group advantages need two samples per prompt; the pathwise method needs one
-    cond = torch.tensor([0, 0, 1, 1]) if m.order == "zeroth" else torch.tensor([0, 1])
+    cond = torch.tensor([0, 0]) if m.order == "zeroth" else torch.tensor([0, 1])
     batch = m.collect(F.ctx, cond, [11, 12, 13, 14][:len(cond)])
     m.prepare(batch, F.ctx)
     return m, F, batch
