@@ -112,3 +112,27 @@ def save_grid(x: torch.Tensor, path: str, nrow: int = 8, scale: int = 2) -> None
         r, q = divmod(n, ncol)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+class PatchData:
+    """Pretraining data source ``photo_patches``: a fixed patch set, drawn with replacement.
+
+    ``sample(n, generator) -> (x0 (n, 3, size, size) in [−1, 1], class ids (n,))``.
+    """
+
+    def __init__(self, split: str = "train", n_per_photo: int = 256, size: int = 32, seed: int = 0):
+        self.x, self.cond = patches(split, n_per_photo=n_per_photo, size=size, seed=seed)
+
+    def sample(self, n: int, generator: torch.Generator):
+        idx = torch.randint(len(self.x), (n,), generator=generator)
+        return self.x[idx], self.cond[idx]
+
+
+def _register() -> None:
+    from rsmbench.pretrain import DATA_SOURCES, register_data
+
+    if "photo_patches" not in DATA_SOURCES:
+        register_data("photo_patches")(PatchData)
+
+
+_register()
