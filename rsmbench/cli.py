@@ -27,16 +27,37 @@ def _add_equiv(sub):
     p.add_argument("--process", choices=["diffusion", "flow", "all"], default="all")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--json", dest="json_path", default=None, help="write the records to this JSON file")
+    p.add_argument("--preset", default=None, help="check each method at this published preset")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyperparameter override (YAML value), repeatable, e.g. --hp use_value_net=true")
     p.set_defaults(run=_run_equiv)
+
+
+def _hp_overrides(items) -> dict:
+    import yaml
+
+    hp = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"rsmbench equiv: --hp expects KEY=VALUE, got {item!r}")
+        try:
+            hp[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"rsmbench equiv: --hp {key}: cannot parse value {value!r}") from None
+    return hp
 
 
 def _run_equiv(args) -> int:
     from rsmbench import equivalence
 
     procs = ("diffusion", "flow") if args.process == "all" else (args.process,)
+    hp = _hp_overrides(args.hp)
+    if args.preset:
+        hp["preset"] = args.preset
     try:
-        records = equivalence.run(args.methods, procs, args.dtype)
-    except KeyError as e:
+        records = equivalence.run(args.methods, procs, args.dtype, hp=hp or None)
+    except (KeyError, ValueError) as e:
         raise UsageError(str(e).strip("'\""))
     if not records:
         raise UsageError(f"no selected method applies to process {args.process!r}")

@@ -179,12 +179,12 @@ def run(method_ids=None, processes=("diffusion", "flow"), dtype: str = "float64"
 
 def table(records: list[Record]) -> str:
     """A fixed-width table of the records, one line each."""
-    head = f"{'method':<16}{'process':<11}{'kind':<19}{'dtype':<9}{'max_abs_err':>12}{'max_rel_err':>12}" \
+    head = f"{'method':<18}{'process':<11}{'kind':<19}{'dtype':<9}{'max_abs_err':>12}{'max_rel_err':>12}" \
            f"{'cosine':>14}{'rel@k=5':>10}  result"
     lines = [head, "-" * len(head)]
     for r in records:
         last = r.offpolicy[-1]["max_rel_err"] if r.offpolicy else float("nan")
         verdict = ("pass" if r.passed else "FAIL") if r.kind in EXACT else "gap (approximate)"
-        lines.append(f"{r.method:<16}{r.process:<11}{r.kind:<19}{r.dtype:<9}{r.max_abs_err:>12.2e}"
+        lines.append(f"{r.method:<18}{r.process:<11}{r.kind:<19}{r.dtype:<9}{r.max_abs_err:>12.2e}"
                      f"{r.max_rel_err:>12.2e}{r.cosine:>14.10f}{last:>10.2e}  {verdict}")
     return "\n".join(lines)

@@ -212,7 +212,7 @@ def efficiency_figure(history: pd.DataFrame, out: Path) -> list[str]:
             d["eval_idx"] = d.groupby("run_id").cumcount()
             d["x"] = d.groupby(["run", "eval_idx"])[x].transform("mean")
             sns.lineplot(data=d, x="x", y="eval/reward_mean", hue="run", errorbar=("ci", 95), ax=ax,
-                         legend=(c == 2), marker="o", markersize=3)
+                         legend=(c == 2 and r == 0), marker="o", markersize=3)
             ax.set_xlabel(xl)
             ax.set_ylabel("eval reward (mean over eval samples)")
             ax.set_title(f"{task}")
