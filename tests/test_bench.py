@@ -1,0 +1,132 @@
+"""The bench runner end to end into a temporary MLflow store (tests/conftest.py points
+MLFLOW_TRACKING_URI and RSMBENCH_RESULTS at tmp_path): runs, params, metrics, artifacts; skip on
+re-run; resume after a kill with no gap or duplicate; bad inputs; a NaN reward."""
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import rewards
+from rsmbench import tracking
+from rsmbench.cli import main
+from tests.bench_helpers import tiny_overrides
+
+METHODS = "reinforce_kl,grpo"
+
+
+def _bench(tmp_path, *extra, methods=METHODS, formulation="rsm"):
+    return main(["bench", "--task", "gmm", "--methods", methods, "--seeds", "1", "--formulation", formulation,
+                 "--no-progress", "--report-dir", str(tmp_path / "report"), *tiny_overrides(tmp_path), *extra])
+
+
+def _runs():
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("gmm")
+    return c, ([] if exp is None else c.search_runs([exp.experiment_id], max_results=1000))
+
+
+def _steps(c, run_id, key="iteration"):
+    return [m.step for m in sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def test_two_methods_log_everything_then_skip(tmp_path, capsys):
+    assert _bench(tmp_path) == 0
+    c, runs = _runs()
+    assert sorted(r.data.tags["method"] for r in runs) == ["grpo", "reinforce_kl"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        p, t, m = r.data.params, r.data.tags, r.data.metrics
+        assert p["method"] == t["method"] and p["formulation"] == "rsm" and p["budget.reward_queries"] == "48"
+        assert p["eval.seed_start"] == "900000000" and p["eval.sampler"] == "sde"  # pinned protocol logged
+        assert {"git_commit", "version.torch", "version.mlflow", "profile", "method_family",
+                "equivalence_kind", "config_hash"} <= set(t)
+        assert _steps(c, r.info.run_id) == list(range(7))  # eval at 0, iterations 1..6
+        assert _steps(c, r.info.run_id, "train/reward_mean") == list(range(1, 7))
+        assert [h.value for h in sorted(c.get_metric_history(r.info.run_id, "train/reward_queries"),
+                                        key=lambda h: h.step)] == [8.0 * k for k in range(1, 7)]
+        assert _steps(c, r.info.run_id, "eval/J_gap") == [0, 3, 6]
+        for key in ("train/loss", "train/grad_norm", "train/approx_kl", "train/nfe", "train/wall_time",
+                    "eval/kl_ref", "eval/diversity", "eval/prior_frechet", "eval/sw_to_target"):
+            assert key in m, key
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert "config.json" in arts
+        pngs = [a.path for a in c.list_artifacts(r.info.run_id, "samples")]
+        assert len(pngs) == 3 and all(x.endswith(".png") for x in pngs)
+    out = capsys.readouterr().out
+    assert "reinforce_kl" in out and "J-gap" in out
+    assert (tmp_path / "report" / "summary.md").read_text().count("| rsm |") == 2
+    before = {r.info.run_id: _steps(c, r.info.run_id) for r in runs}
+    assert _bench(tmp_path) == 0  # second invocation: nothing re-run
+    c, runs2 = _runs()
+    assert {r.info.run_id: _steps(c, r.info.run_id) for r in runs2} == before
+
+
+def test_killed_run_resumes_without_gap_or_duplicate(tmp_path, monkeypatch):
+    real = tracking.Tracker.log_metrics
+    state = {"armed": True}
+
+    def dying(self, run_id, metrics, step):  # die after the checkpoint of step 3, before its metrics
+        if step == 3 and state["armed"]:
+            state["armed"] = False
+            raise KeyboardInterrupt
+        return real(self, run_id, metrics, step)
+
+    monkeypatch.setattr(tracking.Tracker, "log_metrics", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, methods="reinforce_kl")
+    c, runs = _runs()
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING" and _steps(c, runs[0].info.run_id) == [0, 1, 2]
+    assert _bench(tmp_path, methods="reinforce_kl") == 0
+    c, runs = _runs()
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for key in ("iteration", "train/loss", "train/reward_queries"):
+        steps = _steps(c, runs[0].info.run_id, key)
+        assert steps == sorted(set(steps)) and steps[-1] == 6 and len(steps) == (7 if key == "iteration" else 6)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--task", "nope"], "unknown task 'nope'; choose from"),
+    (["--task", "gmm", "--profile", "huge"], "unknown profile 'huge'; choose from tiny, sd15, sd35"),
+    (["--task", "gmm", "--profile", "sd35"], "has no 'sd35' profile"),
+    (["--task", "gmm", "--methods", "nope"], "unknown method 'nope'; choose from all,"),
+    (["--task", "gmm", "--methods", "ddpo", "bench.processes=[flow]"], "does not apply to task 'gmm'"),
+    (["--task", "gmm", "train.lr"], "malformed override 'train.lr'"),
+    (["--task", "gmm", "train.bogus=1"], "bad override"),
+    (["--task", "gmm", "--formulation", "neither"], "unknown formulation 'neither'"),
+])
+def test_bad_input_one_line_exit_2_nothing_created(argv, needle, capsys, tmp_path):
+    assert main(["bench", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    db = Path(os.environ["MLFLOW_TRACKING_URI"][len("sqlite:///"):])
+    assert not db.exists() and not Path(os.environ["RSMBENCH_RESULTS"]).exists()
+
+
+class _NaNOnThirdCall:
+    differentiable = True
+    calls = 0
+
+    def __init__(self, **_):
+        self.title = "linear, NaN on its third call"
+
+    def __call__(self, x, cond=None):
+        type(self).calls += 1
+        r = -0.5 * x[:, 0] + 3.0
+        return r * float("nan") if type(self).calls == 3 else r
+
+    def features(self, x):
+        return x
+
+
+def test_nan_reward_fails_that_run_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(rewards.REWARDS, "test_nan", _NaNOnThirdCall)
+    assert _bench(tmp_path, "reward.name=test_nan") == 1
+    err = capsys.readouterr().err
+    assert "reward is NaN at iteration 2" in err
+    c, runs = _runs()
+    status = {r.data.tags["method"]: r.info.status for r in runs}
+    assert status == {"grpo": "FINISHED", "reinforce_kl": "FAILED"} or \
+        status == {"grpo": "FAILED", "reinforce_kl": "FINISHED"}
+    failed = [r for r in runs if r.info.status == "FAILED"][0]
+    assert "NaN" in failed.data.tags["error"]
