@@ -167,7 +167,9 @@ CAPTION = (
     "log scale, unitless (native-output units per unit of G). Bottom row: h(t) = κ(t)/Σκ; steps a branching "
     "schedule does not train have κ = h = 0 (not drawn on the log axis). DRaFT/AlignProp Ψ̂ carries the "
     "exact chain Jacobian, so their κ is the RMS ratio 2·C1·γ·rms(ψ)/rms(∇_{x_N} r). Flow t = 1 (log-SNR = −∞) "
-    "is drawn at the left edge. κ includes each preset's reward scale λ, so only h compares across methods."
+    "is drawn at the left edge. κ includes each preset's reward scale λ, so only h compares across methods. "
+    "Methods that train a random step per batch (ReFL's window, AlignProp's random truncation) show the steps "
+    "drawn in the one batch collected here (seed 0); DRaFT-1 trains only the last step."
 )
 
 
@@ -180,7 +182,7 @@ def plot(df: pd.DataFrame, out_dir, name: str = "influence") -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [k for k in ("diffusion", "flow") if k in set(df.process)]
-    fig, axes = plt.subplots(2, len(kinds), figsize=(6.2 * len(kinds), 7.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(kinds), figsize=(6.2 * len(kinds) + 2.4, 7.0), squeeze=False)
     cmap = plt.get_cmap("tab20")
     ids = sorted(df.method.unique())
     colors = {mid: cmap(j % 20) for j, mid in enumerate(ids)}
@@ -202,8 +204,13 @@ def plot(df: pd.DataFrame, out_dir, name: str = "influence") -> list[Path]:
         axes[1, c].set_xlabel("log-SNR [nats]" + (" (t = 1 at left edge)" if kind == "flow" else ""))
         for ax in axes[:, c]:
             ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, ncol=2, loc="best")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        for h_, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h_)
+    labels = sorted(handles)
+    fig.legend([handles[k] for k in labels], labels, fontsize=7, loc="center right", title="method (zo/fo)")
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=110)
     fig.savefig(paths[1])
