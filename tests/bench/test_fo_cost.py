@@ -7,6 +7,8 @@ terminal ∇r is computed there, at sampling time, as in the paper). A step is z
 RSM side includes building its spec: adjoint VJPs for DRaFT/AlignProp, lean adjoint in
 prepare for Adjoint Matching) → backward → Adam.step. Peak memory: torch.profiler net allocations
 (``tests.bench.test_method_step.peak_alloc_bytes``). Table → results/bench_fo_cost.md.
+Single-threaded: on the shared 2-core build machine two intra-op threads waited on each other and
+medians reached 7× the minimum; one thread gives stable, comparable numbers for these tiny nets.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def image_reward(x, cond=None):
 
 
 def make_step(method, process, hp, form):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # see module docstring
     m = get(method)
     p = make_process(process, num_steps=STEPS)
     net = build_net("unet", p.prediction, seed=0, **NET)
