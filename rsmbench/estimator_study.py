@@ -22,6 +22,8 @@ Panels: (1) RMSE vs #samples; (2) lookahead depth (FO: k steps of ODE before Twe
 rollout k steps after t and use r(x̂0) there); (3) Branch-GRPO trees at equal NFE; (4) stochasticity
 localisation (one SDE step then ODE, TempFlow-GRPO) vs full SDE, against the exact Ψ and against its
 own high-sample reference (variance only); (5) base model vs exact-score rollouts (model bias).
+Panel (1) also draws the exact one-step Doob target (``doob_target``) against Ψ_t: the floor that the
+transition-level estimators (ZO, next-state) approach as samples grow on this 20-step grid.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class ExactNet(torch.nn.Module):
 class Setting:
     """Task, process, reward, ground truth, evaluation step and the 50 fixed points."""
 
-    def __init__(self, n_points: int = N_POINTS, seed: int = 0):
+    def __init__(self, n_points: int = N_POINTS, seed: int = 0, base_checkpoint=None):
         from rsmbench import tasks
 
         self.cfg = tasks.load(TASK)
@@ -91,9 +93,14 @@ class Setting:
         self.psi_true = self.truth.value_gradient(self.process, self.i, self.points)
         self.a = self.process.score_a[self.i]
         self.models = {"exact": Policy(ExactNet(self.truth.ref, self.process), self.process)}
-        self.model_note = "base checkpoint loaded"
+        self.model_note = f"base checkpoint {base_checkpoint or self.cfg.processes[KIND].model.checkpoint}"
         try:
-            net = tasks.load_base(self.cfg, KIND, torch.float64)
+            if base_checkpoint is None:
+                net = tasks.load_base(self.cfg, KIND, torch.float64)
+            else:  # another checkpoint of the same task (hash-checked)
+                from rsmbench.pretrain import load_checkpoint
+
+                net = load_checkpoint(base_checkpoint, task=TASK)[0].to(torch.float64)
             self.models["base"] = Policy(net, self.process)
         except Exception as e:  # missing/corrupt checkpoint: the study runs on exact-score rollouts
             self.model_note = f"base model skipped: {str(e).splitlines()[0]}"
@@ -131,13 +138,36 @@ def rows_at(process, i: int, x: torch.Tensor, noise: torch.Tensor) -> Transition
                        stochastic=torch.ones(R, dtype=torch.bool), sample=torch.arange(R), cond=None)
 
 
-def zo_estimate(S: Setting, noise: torch.Tensor, r: torch.Tensor, cv: bool) -> torch.Tensor:
-    """Ψ̂ (score units) per point from (P, n) rewards and (P, n, d) first-step noises."""
+def zo_estimate(S: Setting, noise: torch.Tensor, r: torch.Tensor, cv) -> torch.Tensor:
+    """Ψ̂ (score units) per point from (P, n) rewards and (P, n, d) first-step noises.
+    cv: False (A = r), True (A = r − mean r), or 'tilted' (A = α·(e^{r/α}/mean e^{r/α} − 1): the
+    self-normalised Doob weights of digest §2.1, μ* − μ_ref = σ·E[ξ·h]/E[h], exact beyond small 1/α)."""
     P, n, d = noise.shape
-    A = r - r.mean(dim=1, keepdim=True) if cv else r
+    if cv == "tilted":
+        A = S.alpha * (torch.softmax(r / S.alpha, dim=1) * n - 1)
+    else:
+        A = r - r.mean(dim=1, keepdim=True) if cv else r
     rows = rows_at(S.process, S.i, S.points.repeat_interleave(n, 0), noise.reshape(P * n, d))
     psi_native = likelihood_ratio(S.process, rows, A.reshape(-1), beta=S.alpha).reshape(P, n, d).mean(1)
     return to_score(S.a.expand(P), psi=psi_native)[1]
+
+
+@torch.no_grad()
+def doob_target(S: Setting, n: int = 2**16, seed: int = 9) -> torch.Tensor:
+    """The exact one-step target of every transition-level estimator (digest §2.1): the Doob step's
+    mean shift μ* − μ_ref = σ·E[ξ·h(x')]/E[h(x')], x' = μ_ref(x_t) + σξ, with the exact
+    h(x') ∝ p*_{t'}(x')/p_ref,t'(x') of the mixtures (self-normalised over n draws of ξ), in score
+    units (÷Ω). Its distance to Ψ_t(x_t) is the time-discretisation floor of the 20-step grid."""
+    p, P, d = S.process, *S.points.shape
+    mu = p.mean(S.points, S.models["exact"](S.points, S.i, None), S.i)
+    std = float(p.std(S.i))
+    xi = torch.randn((P, n, d), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x1 = (mu[:, None] + std * xi).reshape(P * n, d)
+    ab = float(p.alphas_cumprod_prev[S.i])
+    sc, ns = math.sqrt(ab), math.sqrt(1 - ab)
+    logh = S.truth.target.affine(sc, ns).log_prob(x1) - S.truth.ref.affine(sc, ns).log_prob(x1)
+    w = torch.softmax(logh.reshape(P, n), dim=1)
+    return std * (w[..., None] * xi).sum(1) / float(p.omega(S.i))
 
 
 def rmse(est: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
@@ -162,7 +192,8 @@ def panel_samples(S, model: str, log2_n, seed: int = 1) -> list[dict]:
     r = S.reward(x0, None).reshape(len(S.points), n_max)
     for ln in log2_n:
         n = 2**ln
-        for cv, name in ((False, "ZO w/o control variate"), (True, "ZO w/ control variate")):
+        for cv, name in ((False, "ZO w/o control variate"), (True, "ZO w/ control variate"),
+                         ("tilted", "ZO exp-tilted weights")):
             m, s = rmse(zo_estimate(S, xi[:, :n], r[:, :n], cv), S.psi_true)
             out.append(dict(estimator=name, n_samples=n, rmse=m, rmse_std=s))
         # next-state Stein estimator (first-order, stochastic): mean over n sampled next states
@@ -170,8 +201,12 @@ def panel_samples(S, model: str, log2_n, seed: int = 1) -> list[dict]:
                         **_fo_next_state(S, pol, n, seed)))
     g_cur = fo.current_state(pol, S.reward, S.points, torch.full((len(S.points),), S.i), None)
     g_la = fo.lookahead(pol, S.reward, S.points, torch.full((len(S.points),), S.i), None, k=2)
-    for name, g in (("FO current-state (DPS)", g_cur), ("FO lookahead (SQDF-2)", g_la)):
-        m, s = rmse(g / S.alpha, S.psi_true)
+    lines_ = [("FO current-state (DPS)", g_cur), ("FO lookahead (SQDF-2)", g_la)]
+    if model == "exact":  # the discretisation floor of every transition-level estimator
+        lines_.append(("exact one-step Doob target (floor)", doob_target(S)))
+    for name, g in lines_:
+        g = g if name.startswith("exact") else g / S.alpha
+        m, s = rmse(g, S.psi_true)
         out += [dict(estimator=name, n_samples=2**ln, rmse=m, rmse_std=s) for ln in log2_n]
     return [dict(panel="samples", model=model, **o) for o in out]
 
@@ -270,9 +305,10 @@ def panel_localization(S, model: str, log2_n, n_ref: int, seed: int = 4) -> list
     return out
 
 
-def study(quick: bool = False, models=None, n_points: int | None = None) -> tuple[pd.DataFrame, dict]:
+def study(quick: bool = False, models=None, n_points: int | None = None,
+          base_checkpoint=None) -> tuple[pd.DataFrame, dict]:
     t0 = time.perf_counter()
-    S = Setting(n_points or (16 if quick else N_POINTS))
+    S = Setting(n_points or (16 if quick else N_POINTS), base_checkpoint=base_checkpoint)
     log2_n = LOG2_N["quick" if quick else "full"]
     models = [m for m in (models or list(S.models)) if m in S.models]
     rows = []
@@ -304,6 +340,8 @@ def plot(df: pd.DataFrame, out_dir, name: str = "estimator_study") -> list[Path]
             a.errorbar(np.log2(g[x]) if x in ("n_samples", "nfe") else g[x], g.rmse, fmt=styles.get(model, "-"),
                        marker="o", ms=3, capsize=2, label=label_fn(est, model), alpha=0.9)
 
+    first = "exact" if "exact" in set(df.model) else df.model.iloc[0]  # (a)–(d): one model; (e) compares
+    df_all, df = df, df[df.model == first]
     d = df[df.panel == "samples"]
     lines(ax[0], d, "n_samples")
     ax[0].set(xlabel="log₂ #samples", title="(a) samples: ZO (± CV) vs FO")
@@ -316,9 +354,10 @@ def plot(df: pd.DataFrame, out_dir, name: str = "estimator_study") -> list[Path]
     d = df[df.panel == "localization"]
     lines(ax[3], d, "n_samples")
     ax[3].set(xlabel="log₂ #samples", title="(d) stochasticity localisation")
-    d = df[(df.panel == "samples") & df.estimator.str.startswith("ZO w/ ")]
+    d = df_all[(df_all.panel == "samples") & df_all.estimator.isin(
+        ["ZO w/ control variate", "ZO exp-tilted weights", "FO current-state (DPS)", "FO next-state (Stein)"])]
     if d.model.nunique() > 1:
-        lines(ax[4], df[df.panel == "samples"], "n_samples")
+        lines(ax[4], d, "n_samples")
         ax[4].set(title="(e) base model vs exact-score rollouts")
     else:
         ax[4].text(0.5, 0.5, "base checkpoint not available:\nexact-score rollouts only", ha="center",
@@ -346,8 +385,9 @@ def caption(info: dict) -> str:
         f"{info['step']} of the task's 20-step DDPM grid (timestep {info['timestep']}, ᾱ_t = {info['alphabar']:.4f}, "
         f"the grid point nearest ᾱ_t = 0.01), against the exact Ψ_t of the tilted mixture. Rollouts from x_t use the "
         f"exact mixture score ('exact': no model error) and, where available, the pretrained base network ('base'; "
-        f"{info['model_note']}). (a) zeroth-order likelihood ratio without/with the group-mean control variate, and "
-        f"first-order current-state (DPS), 2-step lookahead (SQDF-2) and next-state Stein estimates, vs #samples "
+        f"{info['model_note']}). (a) zeroth-order likelihood ratio without/with the group-mean control variate and with "
+        f"self-normalised exp-tilted weights, the exact one-step Doob target (the 20-step grid's discretisation floor), "
+        f"and first-order current-state (DPS), 2-step lookahead (SQDF-2) and next-state Stein estimates, vs #samples "
         f"(log₂ n ∈ {list(info['log2_n'])}, scaled down from the paper's 4…16 for a 2-core CPU); (b) lookahead depth k "
         f"(FO: k ODE steps then Tweedie; ZO: reward of x̂0 k steps after t); (c) Branch-GRPO trees (#split, #branch) at "
         f"equal NFE; (d) one SDE step then ODE vs full SDE, against the exact Ψ and against each sampler's own "
@@ -355,9 +395,10 @@ def caption(info: dict) -> str:
     )
 
 
-def run(out_dir, quick: bool = False) -> tuple[pd.DataFrame, str]:
-    """The five panels; writes estimator_study.{png,pdf,csv}; returns (tidy DataFrame, caption)."""
-    df, info = study(quick)
+def run(out_dir, quick: bool = False, base_checkpoint=None) -> tuple[pd.DataFrame, str]:
+    """The five panels; writes estimator_study.{png,pdf,csv}; returns (tidy DataFrame, caption).
+    `base_checkpoint`: a gmm diffusion checkpoint other than the task's committed one."""
+    df, info = study(quick, base_checkpoint=base_checkpoint)
     plot(df, out_dir)
     df.to_csv(Path(out_dir) / "estimator_study.csv", index=False)
     return df, caption(info)
