@@ -134,9 +134,13 @@ class AestheticTiny:
     title = TITLE
     differentiable = True
 
-    def __init__(self, head_path: str = HEAD_PATH, card_path: str = CARD_PATH):
+    def __init__(self, head: str = HEAD_PATH, card: str | None = None):
+        """``head``: the safetensors file (relative paths: from the repository root); ``card``: its
+        JSON card with the sha256 (default: the same path with ``.json``)."""
+        if not os.path.isabs(head):
+            head = os.path.join(os.path.dirname(HERE), head)
         self.encoder = Encoder()
-        self.head = load_head(head_path, card_path)
+        self.head = load_head(head, card or os.path.splitext(head)[0] + ".json")
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         return self.head(self.encoder(x).float()).to(x.dtype)

@@ -45,3 +45,28 @@ def test_train_and_heldout_regions_do_not_overlap():
 def test_unknown_split_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown split 'test'"):
         images.patches("test")
+
+
+def test_image_tasks_share_the_generators():
+    """compressibility / incompressibility reuse aesthetic's base models: same data and processes."""
+    from omegaconf import OmegaConf
+
+    from rsmbench import tasks
+
+    a = tasks.load("aesthetic")
+    assert a.data.source == "photo_patches" and a.title == "aesthetic (tiny): learned image-quality head"
+    for name in ("compressibility", "incompressibility"):
+        t = tasks.load(name)
+        assert OmegaConf.to_container(t.processes) == OmegaConf.to_container(a.processes)
+        assert OmegaConf.to_container(t.data) == OmegaConf.to_container(a.data)
+        assert t.reward.name == name and t.reward.cfg.quality == 95
+    assert len(a.prompts.names) == len(images.PHOTOS)
+
+
+def test_data_source_is_registered_for_the_pretrainer():
+    from rsmbench.pretrain import data_source
+
+    src = data_source("photo_patches", "rsmbench.images", n_per_photo=3, seed=0)
+    x, c = src.sample(5, torch.Generator().manual_seed(0))
+    x2, c2 = src.sample(5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, 32, 32) and torch.equal(x, x2) and torch.equal(c, c2)
