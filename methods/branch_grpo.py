@@ -40,6 +40,8 @@ class BranchGRPO(Method):
     processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A_node·ξ, A from fused descendant leaves, per-depth normalised', "gamma": '1',
+                 "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": 'PPO clip', "branching": True, "current_state": False}
     paper = ("BranchGRPO: Li, Wang et al. 2025, arXiv 2509.06040 (branching, reward fusion, depth-wise "
              "advantages, pruning); DanceGRPO PPO-clip: arXiv 2505.07818, Eq. 6-8; RSM digest §8.8")
     table1 = "Branch-GRPO"

@@ -33,6 +33,9 @@ class DDPO(Method):
     processes = ("diffusion",)
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ, A per-prompt tracked, clipped ±5', "gamma": '1',
+                 "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (PPO clip ε = 1e-4)', "branching": False,
+                 "current_state": False}
     paper = "DDPO: Black et al. 2023, arXiv 2305.13301, Eq. 4 (DDPO_IS) + PPO clip; RSM digest §8.5, §8.11"
     table1 = "not a Table 1 row (digest §8.11): the PPO / GRPO / PCPO-base row on diffusion"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward"

@@ -50,6 +50,8 @@ class DPOK(Method):
     processes = ("diffusion",)
     order = "zeroth"
     kind = "approximate"
+    table_row = {"psi": '(σ/(βΩ))·(r − V(x_t))·ξ, learned value baseline', "gamma": '1', "c1": 'β·Ω²/(2σ²)',
+                 "c2": '0 (ratio clamp)', "branching": False, "current_state": False}
     paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8, Eq. 10, Algorithm 1; RSM digest §8.4, §8.11"
     table1 = "not a Table 1 row (digest §8.11): REINFORCE + KL reg with a learned value baseline"
     kind_reason = ("the original's learned baseline V(x_t, t) differs per row from the RSM instance's pruned "

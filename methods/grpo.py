@@ -32,6 +32,9 @@ class GRPO(Method):
     processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ (β = 0) or (σ/(βΩ))·A·ξ (β > 0), A group-normalised', "gamma": '1',
+                 "c1": 'Ω²/(2σ²) anchor s_θ† (β = 0); β·Ω²/(2σ²) anchor s_ref (β > 0)', "c2": '0 (PPO clip)',
+                 "branching": False, "current_state": False}
     paper = ("DanceGRPO: Xue et al. 2025, arXiv 2505.07818, Eq. 6-8; Flow-GRPO: Liu et al. 2025, "
              "arXiv 2505.05470, Eq. 9 and Eq. 12; RSM digest §8.5")
     table1 = "PPO / GRPO / PCPO-base"

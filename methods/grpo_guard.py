@@ -31,6 +31,9 @@ class GRPOGuard(Method):
     processes = ("flow",)
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": 'c_t/w^b_t (= σ̃/√Δt relative to GRPO)',
+                 "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": 'RatioNorm clip', "branching": False,
+                 "current_state": False}
     paper = "GRPO-Guard: Wang et al. 2025, arXiv 2510.22319, §4.1 (RatioNorm), §4.2 (1/Δt reweighting); digest §8.10"
     table1 = "GRPO-Guard"
     kind_reason = "θ = θ† (normalised ratio 1, its bias term has zero gradient), on-policy rows, same x_t and ξ"

@@ -50,6 +50,8 @@ class ResidualNablaDB(Method):
     processes = ("diffusion",)
     order = "first"
     kind = "loss"
+    table_row = {"psi": '(σ²/Ω)·λ·∇_{x_{t−1}} r(x̂₀(x_{t−1}))', "gamma": "ᾱ_{t−1} ('squared')",
+                 "c1": '(Ω/σ²)²', "c2": 'unet_reg·(1−ᾱ_t)', "branching": False, "current_state": True}
     paper = "Residual ∇-DB (∇-GFlowNet): Liu et al. 2025, arXiv 2412.07775; RSM digest §8.3"
     table1 = "Residual ∇-DB‡ (pruned †)"
     kind_reason = ("pruned (use_flow_net=False): forward loss + unet_reg ≡ RSM loss for every θ; "

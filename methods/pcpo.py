@@ -32,6 +32,8 @@ class PCPO(Method):
     processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": '1', "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (log-ratio clip)',
+                 "branching": False, "current_state": False}
     paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3 (log-ratio objective); RSM digest §6, §8.5"
     table1 = "PPO / GRPO / PCPO-base"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"

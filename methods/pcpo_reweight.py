@@ -39,6 +39,9 @@ class PCPOReweight(Method):
     processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": '(w/s)/w_t (diffusion), ζΔt/w^b_t (flow)',
+                 "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (log-ratio / matching clip)', "branching": False,
+                 "current_state": False}
     paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3-4 (proportional credit); RSM digest §8.6, §8.7"
     table1 = "PCPO-reweight (diffusion) / PCPO-reweight (flow)"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"

@@ -29,6 +29,8 @@ class ReinforceKL(Method):
     processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/(βΩ))·A·ξ, A = r − mean', "gamma": '1', "c1": 'β·Ω²/(2σ²)', "c2": '0',
+                 "branching": False, "current_state": False}
     paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); RSM digest §8.4"
     table1 = "REINFORCE + KL reg"
     kind_reason = "on-policy, closed-form per-step KL, terminal reward, same x_t and ξ in both losses"

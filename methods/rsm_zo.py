@@ -48,6 +48,10 @@ class RSMZeroOrder(Method):
     processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ on branch steps of a deterministic root',
+                 "gamma": 'const 4.5/8.706 (diffusion) / c_t (flow) over w_t',
+                 "c1": 'Ω²/(2σ²)·k_avg/k, anchor s_θ†; ODE KL anchor rows β', "c2": 'PCPO / fair clip',
+                 "branching": True, "current_state": False}
     paper = ("RSM: Lee, Chang, Kim, Ye 2026, arXiv 2604.17415, zeroth-order redesigns; code jaylee2000/rsm "
              "(train_grpo_pr.py, sd3 lowsnr2 fairclip2); digest §6, §9.3-9.5")
     table1 = "not a Table 1 row (the paper's zeroth-order redesigns, digest §9.3, §9.4)"

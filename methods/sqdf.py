@@ -46,6 +46,8 @@ class SQDF(Method):
     processes = ("diffusion",)
     order = "first"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ²/Ω)·(D/α)·∇r(x̂₀(Φ_k(x_{t−1}))), k-step lookahead', "gamma": 'γ_d^(N−1−i)',
+                 "c1": 'α·Ω²/(2σ²)', "c2": '0', "branching": False, "current_state": False}
     paper = "SQDF: Kang et al. 2026, arXiv 2512.04559 (reparameterised soft-Q policy gradient); RSM digest §8.2"
     table1 = "SQDF"
     kind_reason = ("θ = θ†, on the rollout's own ξ: the reparameterised next state equals the behaviour's, "

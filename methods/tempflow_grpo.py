@@ -38,6 +38,9 @@ class TempFlowGRPO(Method):
     processes = ("flow",)
     order = "zeroth"
     kind = "grad_at_behaviour"
+    table_row = {"psi": '(σ/Ω)·A·ξ, one SDE step + ODE continuation, seed groups',
+                 "gamma": '2.25·σ̃√Δt / w^b (noise-aware)', "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": 'PPO clip',
+                 "branching": True, "current_state": False}
     paper = ("TempFlow-GRPO: He, Fu et al. 2025, arXiv 2508.04324 (trajectory branching, noise-aware "
              "weighting); Flow-GRPO SDE: arXiv 2505.05470, Eq. 9; RSM digest §8.9")
     table1 = "TempFlow-GRPO"

@@ -96,6 +96,8 @@ class VGGFlow(Method):
     processes = ("flow",)
     order = "first"
     kind = "loss"
+    table_row = {"psi": 'λ·∇r(x̂₀), x̂₀ = x_t − σ·sg(v_θ) (identity Jacobian)', "gamma": '((1−σ)/σ)·(1−σ)²',
+                 "c1": '(σ/(1−σ))²', "c2": 'unet_reg (0)', "branching": False, "current_state": True}
     paper = "VGG-Flow: Liu et al. 2025, arXiv 2512.05116, §4 (matching + HJB consistency); RSM digest §8.1"
     table1 = "VGG-Flow‡ (pruned †)"
     kind_reason = ("pruned (use_value_net=False): matching loss ≡ RSM loss for every θ; "

@@ -60,6 +60,10 @@ class Method:
     paper: str = ""  # "Author et al. Year, arXiv XXXX.XXXXX, Eq. N"
     table1: str = ""  # Table 1 row, or "not a Table 1 row (digest §X)"
     kind_reason: str = ""  # why `approximate`, or the conditions of exactness
+    # The RSM instance as Table 1 states it (score units, digest §7.2), shown by `rsmbench report`:
+    # {"psi": Ψ̂, "gamma": γ(t), "c1": C1(t), "c2": C2(t) / trust region, "branching": bool,
+    #  "current_state": bool (‡: a current-state estimator)}
+    table_row: dict = {}
     defaults: dict = {}
     presets: dict = {}  # name -> {"source": ..., **hyperparameters}
 
