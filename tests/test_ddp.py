@@ -6,7 +6,7 @@ so the rewards must be gathered across processes):
     (b) 2 processes, each half the batch     → same LoRA gradients, identical on both ranks
     (c) 1 process, 2 accumulation steps      → same LoRA gradients
 Tolerance: max |Δg| ≤ 1e-12 · max |g| (float64; all-reduce and summation order only).
-Every configuration runs in forked child processes (accelerate's state is a process singleton).
+Every configuration runs in spawned child processes (accelerate's state is a process singleton).
 """
 import os
 import socket
@@ -70,8 +70,9 @@ def _worker(rank, world, accum, port, out_dir, formulation):
 
 
 def _run(world, accum, out_dir, formulation="original"):
+    # spawn, not fork: forking a process whose torch thread pools already ran can deadlock
     mp.start_processes(_worker, args=(world, accum, _free_port(), str(out_dir), formulation), nprocs=world,
-                       start_method="fork")
+                       start_method="spawn")
     return [torch.load(out_dir / f"w{world}_a{accum}_r{r}.pt") for r in range(world)]
 
 
