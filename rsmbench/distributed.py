@@ -56,8 +56,9 @@ def collect(method, ctx, cond: torch.Tensor, seeds, accelerator) -> Batch:
     sl = shard(len(seeds), accelerator)
     local_cond = None if cond is None else cond[sl]
     batch = method.collect(ctx, local_cond, list(seeds)[sl])
-    rewards = accelerator.gather(batch.rewards.contiguous())
-    g_cond = None if cond is None else accelerator.gather(local_cond.to(rewards.device).contiguous()).cpu()
+    dev = accelerator.device  # NCCL gathers device tensors; a black-box reward may return CPU ones
+    rewards = accelerator.gather(batch.rewards.to(dev).contiguous())
+    g_cond = None if cond is None else accelerator.gather(local_cond.to(dev).contiguous()).to(local_cond.device)
     view = Batch(rollout=batch.rollout, rows=batch.rows, rewards=rewards.to(batch.rewards.device), cond=g_cond,
                  extras=batch.extras)
     method.prepare(view, ctx)
