@@ -39,6 +39,9 @@ class AdjointMatching(Method):
     processes = ("flow", "diffusion")
     order = "first"
     kind = "loss"
+    table_row = {"psi": '−σ²·ã/B (lean adjoint from −λ∇r, base-model chain)', "gamma": '1',
+                 "c1": 'w²/2 (native) ∝ σσᵀ, anchor s_ref', "c2": '0', "branching": False,
+                 "current_state": False}
     paper = "Domingo-Enrich et al. 2024, arXiv 2409.08861, §4 (lean adjoint ODE, Adjoint Matching loss)"
     table1 = "not a Table 1 row (digest §8.11)"
     kind_reason = "loss identity for all θ given the batch's lean adjoint; optimality needs a memoryless schedule"

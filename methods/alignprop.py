@@ -25,6 +25,8 @@ from rsmbench.method import register
 @register
 class AlignProp(RewardBackprop):
     id = "alignprop"
+    table_row = {"psi": 'as DRaFT, K random per iteration', "gamma": '1 on the last K steps',
+                 "c1": 'D·K/2 (native), anchor s_θ†', "c2": '0', "branching": False, "current_state": False}
     paper = "Prabhudesai et al. 2023, arXiv 2310.03739, Eq. 3 and §3.2 (randomized truncation, checkpointing)"
     table1 = "not a Table 1 row (digest §8.11)"
     defaults = {"k_min": 1, "k_max": None, "k_seed": 0, "reward_scale": 1.0, "reward_loss": "neg",

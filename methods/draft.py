@@ -43,6 +43,10 @@ class RewardBackprop(Method):
 
     order = "first"
     kind = "grad_at_behaviour"
+    table_row = {"psi": 'ω·λ·B_i·a_{i+1}/a, a = ∂r/∂x through the remaining chain (exact Jacobian)',
+                 "gamma": '1 on the last K steps, 0 before',
+                 "c1": 'D·K/2 (native), anchor s_θ†: pure reward ascent, no KL', "c2": '0',
+                 "branching": False, "current_state": False}
     processes = ("diffusion", "flow")
     kind_reason = ("exact at θ = θ†: same stored initial noise and step noises in both; the RSM "
                    "adjoint holds the x_i fixed, the original moves them once θ ≠ θ†")

@@ -37,6 +37,9 @@ class ReFL(Method):
     processes = ("diffusion",)
     order = "first"
     kind = "grad_at_behaviour"
+    table_row = {"psi": 'ω·∇_{x_t} r(x̂₀(x_t)) at one random late step (Tweedie, exact output Jacobian)',
+                 "gamma": '1', "c1": 'D/2 (native), anchor s_θ†', "c2": '0', "branching": False,
+                 "current_state": True}
     paper = "Xu et al. 2023 (ImageReward), arXiv 2304.05977, §4, Algorithm 1 (ReFL)"
     table1 = "not a Table 1 row (digest §8.11)"
     kind_reason = "exact at θ = θ†: same x_j; RSM holds x̂₀ and ∇r(x̂₀) at their behaviour values"

@@ -48,6 +48,9 @@ class RSMFirstOrder(Method):
     processes = ("diffusion", "flow")
     order = "first"
     kind = "loss"
+    table_row = {"psi": 'λ·∇_{x_0} r(x_0) of the same rollout (no network Jacobian)',
+                 "gamma": 'σ_t (diffusion) / 1−σ (flow)', "c1": 'Ω²/σ² (diffusion) / (σ/(1−σ))² (flow)',
+                 "c2": 'unet_reg', "branching": False, "current_state": False}
     paper = "RSM, arXiv 2604.17415, Fig. 5; digest §9.1 (use_z0) and §9.2 (use_saved_rgrad_x1)"
     table1 = "not a Table 1 row (digest §9.1, §9.2: redesigns of Residual ∇-DB‡ and VGG-Flow‡)"
     kind_reason = "loss identity for all θ: the terminal gradient is cached at sampling time"
