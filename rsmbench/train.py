@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from rsmbench import method as registry
-from rsmbench import rsm, tasks
+from rsmbench import design, rsm, tasks
 from rsmbench.method import Context
 from rsmbench.models import Policy, frozen_copy
 from rsmbench.rollout import generators, sample
@@ -329,13 +329,16 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
             if formulation == "original":
                 loss = m.original_loss(batch, ctx)
             else:
-                loss = rsm.rsm_loss(policy, ref, m.rsm_spec(batch, ctx))
+                # design-space knobs (temporal profile, extra C2) act on the RSM instance only
+                loss = rsm.rsm_loss(policy, ref, design.apply(m.rsm_spec(batch, ctx), process, ctx_hp))
             _check_finite("loss", loss, it)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(net.parameters(), float(tr["grad_clip"]))
             _check_finite("gradient norm", gn, it)
             opt.step()
+            if hasattr(m, "on_optimizer_step"):  # e.g. VGG-Flow's quantile clip threshold update
+                m.on_optimizer_step()
             losses.append(loss.item()), gnorms.append(gn.item())
         now = time.time()
         counters.wall_time += now - t_prev
