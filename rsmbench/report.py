@@ -13,8 +13,8 @@ into pandas and writes ``reports/<name>/`` (name = the sweep, the task, or ``all
 3. ``efficiency``: eval reward vs reward queries, NFEs and wall-clock, 95 % CI bands over seeds;
 4. ``pareto``: reward–KL and reward–diversity fronts;
 5. ``influence``: κ(t) and h(t) of every method (``rsmbench.influence``);
-6. ``estimator_study``: value-gradient RMSE on ``gmm`` (``rsmbench.estimator_study``; cached in
-   ``results/estimator_study.csv``);
+6. ``estimator_study``: value-gradient RMSE on ``gmm`` (``rsmbench.estimator_study``); 5 and 6
+   depend on the code only, so their data are cached in ``results/`` (delete to recompute);
 7. ``sweep_heatmap``: final reward (and J-gap on gmm) over the sweep's first two axes;
 8. ``original_vs_rsm``: both formulations' training curves per method, and the off-policy drift
    of their gradients from the equivalence harness.
@@ -327,7 +327,7 @@ def original_vs_rsm_figure(history: pd.DataFrame, equiv_path: Path, out: Path) -
 
 # ---- the report ------------------------------------------------------------------------------------------
 def build(out: Path, task: str | None = None, sweep: str | None = None, analyses: bool = True,
-          equiv_path: Path | None = None, study_cache: Path | None = None) -> Path:
+          equiv_path: Path | None = None, cache_dir: Path | None = None) -> Path:
     from rsmbench import tracking
 
     t0 = time.time()
@@ -378,37 +378,32 @@ def build(out: Path, task: str | None = None, sweep: str | None = None, analyses
                "over seeds); last panel: max relative error between their parameter gradients after k off-policy "
                "Adam steps on one batch (`rsmbench equiv`), exact at k = 0.")
     if analyses:
-        _analyses(out, idx, add_figure, runs, study_cache or root / "estimator_study.csv")
+        _analyses(out, idx, add_figure, runs, cache_dir or root)
     idx.append(f"Report built in {time.time() - t0:.1f} s.")
     (out / "index.md").write_text("\n".join(idx) + "\n")
     return out / "index.md"
 
 
-def _analyses(out: Path, idx: list, add_figure, runs: pd.DataFrame, study_cache: Path) -> None:
-    try:
-        from rsmbench import influence
-    except ImportError:
-        influence = None
-    if influence is not None:
-        df, caption = influence.run(out)
-        add_figure(["influence.png", "influence.pdf"], "Temporal influence κ(t), h(t)", caption)
-        df.to_csv(out / "influence.csv", index=False)
+def _analyses(out: Path, idx: list, add_figure, runs: pd.DataFrame, cache_dir: Path) -> None:
+    """The h(t) figure (always) and the gmm estimator study (when gmm is reported). Both depend on
+    the code, not on the runs: their data are cached in results/ (delete the CSV to recompute)."""
+    from rsmbench import estimator_study, influence
+
+    items = [(influence, "influence", "Temporal influence κ(t), h(t)")]
     if "gmm" in set(runs.task):
-        try:
-            from rsmbench import estimator_study
-        except ImportError:
-            return
-        if study_cache.is_file():
-            caption = (study_cache.with_suffix(".txt").read_text() if study_cache.with_suffix(".txt").is_file()
-                       else "Estimator study (cached).")
-            estimator_study.plot(pd.read_csv(study_cache), out) if hasattr(estimator_study, "plot") else None
+        items.append((estimator_study, "estimator_study", "Estimator study on gmm"))
+    for module, stem, title in items:
+        csv, txt = cache_dir / f"{stem}.csv", cache_dir / f"{stem}.txt"
+        if csv.is_file() and txt.is_file():
+            df, caption = pd.read_csv(csv), txt.read_text()
+            module.plot(df, out)
         else:
-            df, caption = estimator_study.run(out)
-            study_cache.parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(study_cache, index=False)
-            study_cache.with_suffix(".txt").write_text(caption)
-        if (out / "estimator_study.png").is_file():
-            add_figure(["estimator_study.png", "estimator_study.pdf"], "Estimator study on gmm", caption)
+            df, caption = module.run(out)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            df.to_csv(csv, index=False)
+            txt.write_text(caption)
+        df.to_csv(out / f"{stem}.csv", index=False)
+        add_figure([f"{stem}.png", f"{stem}.pdf"], title, caption + f" Data: [{stem}.csv]({stem}.csv).")
 
 
 def add_parser(sub):
