@@ -124,16 +124,19 @@ def value_gradient(process, i: int, x: torch.Tensor, ref: Mixture, target: Mixtu
 
 # ---- sample metrics -----------------------------------------------------------------------------
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance with fixed random directions (quantiles matched on a common
-    grid, so the two sets may differ in size)."""
+    """Sliced 2-Wasserstein distance with fixed random directions: per direction, the sorted
+    projections are matched at the m = min(n_x, n_y) mid-quantiles (i + ½)/m."""
     x, y = x.detach().double().reshape(len(x), -1), y.detach().double().reshape(len(y), -1)
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    q = torch.linspace(0.0, 1.0, max(len(x), len(y)), dtype=torch.float64)
-    px = torch.quantile(x @ dirs, q, dim=0)
-    py = torch.quantile(y @ dirs, q, dim=0)
-    return math.sqrt(((px - py) ** 2).mean().item())
+    m = min(len(x), len(y))
+
+    def quantiles(z):
+        zs = (z @ dirs).sort(dim=0).values
+        return zs[((torch.arange(m, dtype=torch.float64) + 0.5) * len(z) / m).long()]
+
+    return math.sqrt(((quantiles(x) - quantiles(y)) ** 2).mean().item())
 
 
 class GroundTruth:
