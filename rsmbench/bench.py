@@ -258,9 +258,17 @@ def summarize(cfg, records) -> tuple[str, list[dict]]:
     head += ["J-gap (±95% CI)", "J-gap exact", "SW→p*"] if gmm else []
     head += ["diversity", "prior FD", "queries", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda t, p=3: "–" if t is None or not math.isfinite(t[0]) else (  # noqa: E731
-        f"{t[0]:.{p}f}" if not math.isfinite(t[1]) else f"{t[0]:.{p}f} ± {t[1]:.{p}f}")
-    one = lambda t, p=3: "–" if t is None or not math.isfinite(t[0]) else f"{t[0]:.{p}f}"  # noqa: E731
+    def num(v, p=3):
+        return f"{v:.{p}f}" if abs(v) < 1e4 else f"{v:.2e}"
+
+    def fmt(t, p=3):  # mean ± 95% CI half-width
+        if t is None or not math.isfinite(t[0]):
+            return "–"
+        return num(t[0], p) if not math.isfinite(t[1]) else f"{num(t[0], p)} ± {num(t[1], p)}"
+
+    def one(t, p=3):
+        return "–" if t is None or not math.isfinite(t[0]) else num(t[0], p)
+
     for r in rows:
         cells = [r["method"], r["formulation"], r["process"],
                  f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
