@@ -70,3 +70,21 @@ def test_data_source_is_registered_for_the_pretrainer():
     x, c = src.sample(5, torch.Generator().manual_seed(0))
     x2, c2 = src.sample(5, torch.Generator().manual_seed(0))
     assert x.shape == (5, 3, 32, 32) and torch.equal(x, x2) and torch.equal(c, c2)
+
+
+def test_committed_generators_match_the_task_file():
+    """The checkpoints' logged config (sidecar JSON, hash-checked on load) is the task file's."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from rsmbench import tasks
+
+    cfg = tasks.load("aesthetic")
+    for kind in ("flow", "diffusion"):
+        pc = cfg.processes[kind]
+        meta = json.loads(tasks.resolve_path(pc.model.checkpoint).with_suffix(".json").read_text())["config"]
+        assert meta["pretrain"] == OmegaConf.to_container(pc.pretrain)
+        assert meta["net"] == OmegaConf.to_container(pc.model.net)
+        assert meta["data"] == OmegaConf.to_container(cfg.data)
+        assert meta["process_kwargs"] == OmegaConf.to_container(pc.process)
