@@ -31,7 +31,9 @@ FORMULATION_CHOICES = ("rsm", "original", "both")
 def add_parser(sub):
     p = sub.add_parser("bench", help="compare methods on a task; runs go to MLflow, a summary to reports/")
     p.add_argument("--task", required=True)
-    p.add_argument("--profile", default="tiny", help="tiny (default), sd15 or sd35")
+    p.add_argument("--profile", default=None,
+                   help="tiny, sd15 or sd35 (default: the task's full-scale profile if its weights are found "
+                        "locally, else tiny; one line says which and why)")
     p.add_argument("--methods", default="all", help="comma-separated method ids, or 'all' (default)")
     p.add_argument("--formulation", default=None, help="rsm, original or both (default: the task's bench.formulation)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the task's bench.seeds)")
@@ -54,18 +56,61 @@ def applies(m, task_cfg, reward) -> str:
     return ""
 
 
+def check_full_scale(cfg) -> str:
+    """The model directory of a full-scale config, or ``fullscale.MissingWeights`` (local lookups only)."""
+    from omegaconf import OmegaConf
+
+    from rsmbench import fullscale
+
+    return fullscale.check_weights(cfg.fullscale.profile, cfg.get("model"), cfg.reward.name,
+                                   OmegaConf.to_container(cfg.reward.get("cfg") or {}, resolve=True))
+
+
+def choose_profile(task: str, overrides) -> tuple[str, str]:
+    """(profile, the one line saying why) when --profile is not given: the task's first full-scale
+    profile whose weights are present locally, else tiny. A ``model=`` override asks for full scale:
+    then missing weights are an error (``fullscale.MissingWeights``), as with an explicit --profile."""
+    from rsmbench import fullscale, tasks
+
+    full = tasks.full_scale_profiles(task)
+    if not full:
+        return "tiny", f"profile: tiny (task {task!r} has no full-scale profile)"
+    wants_full = any(o.partition("=")[0].strip() == "model" for o in overrides or ())
+    first_missing = None
+    for prof in full:
+        cfg = tasks.load(task, overrides, prof)
+        try:
+            path = check_full_scale(cfg)
+        except fullscale.MissingWeights as e:
+            first_missing = first_missing or (prof, e)
+            continue
+        return prof, f"profile: {prof} (weights found: {path})"
+    prof, err = first_missing
+    if wants_full:
+        raise err
+    return "tiny", (f"profile: tiny ({prof} weights not found: {err}; pass --profile {prof} model=PATH to use them)")
+
+
 def plan(args):
-    """Validate everything and return (task_cfg, [run configs]). Raises cli.UsageError."""
+    """Validate everything and return (task_cfg, [run configs]). Raises cli.UsageError.
+    Without --profile, sets ``args.profile`` and ``args.profile_note`` (see ``choose_profile``)."""
+    from rsmbench import fullscale
     from rsmbench import method as registry
     from rsmbench import tasks
     from rsmbench.cli import UsageError
     from rsmbench.pretrain import CheckpointError, load_checkpoint
-    from rsmbench.train import run_config
+    from rsmbench.train import full_scale_reward, run_config
 
     try:
+        if getattr(args, "profile", None) is None:
+            args.profile, args.profile_note = choose_profile(args.task, args.overrides)
         cfg = tasks.load(args.task, args.overrides, args.profile)
-        reward = tasks.build_reward(cfg)
-    except tasks.TaskError as e:
+        if args.profile != "tiny":  # weights first: a missing one is one line, before anything is loaded
+            check_full_scale(cfg)
+            reward = full_scale_reward(cfg)
+        else:
+            reward = tasks.build_reward(cfg)
+    except (tasks.TaskError, fullscale.MissingWeights) as e:
         raise UsageError(str(e)) from None
     formulation = args.formulation or cfg.bench.get("formulation", "both")
     if formulation not in FORMULATION_CHOICES:
@@ -86,7 +131,7 @@ def plan(args):
                 raise UsageError(f"method {i!r} does not apply to task {cfg.name!r}: {why}")
     forms = ("rsm", "original") if formulation == "both" else (formulation,)
     kinds = [k for k in cfg.bench.processes if k in cfg.processes]
-    for k in kinds:
+    for k in kinds if cfg.profile == "tiny" else ():  # full scale: the SD model was checked above
         if any(k in reg[i].processes for i in ids):
             try:
                 load_checkpoint(tasks.resolve_path(cfg.processes[k].model.checkpoint), task=cfg.name)
@@ -287,6 +332,8 @@ def base_line(cfg) -> str:
     from rsmbench.models import Policy
     from rsmbench.train import Evaluator
 
+    if cfg.profile != "tiny":  # no exact optimum at full scale
+        return ""
     reward = tasks.build_reward(cfg)
     gt = tasks.ground_truth(cfg, reward)
     if gt is None:
@@ -340,6 +387,8 @@ def _run(args) -> int:
     cfg, runs = plan(args)
     from rsmbench.cli import UsageError
 
+    if getattr(args, "profile_note", None):
+        _log(args.profile_note)
     if not runs:
         raise UsageError(f"no method applies to task {cfg.name!r}")
     _log(f"bench {cfg.name}: {len(runs)} runs ({len({r['method'] for r in runs})} methods), "

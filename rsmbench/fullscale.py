@@ -303,19 +303,19 @@ class LatentNet(nn.Module):
     def forward(self, x, t, cond=None, raw: bool = False):
         """raw: call the bare backbone, not its DDP wrapper (the reference / behaviour views)."""
         run = self.backbone if raw else self.runner
-        B = x.shape[0]
-        cond = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device) if cond is None else cond.to(x.device)
-        t = t.to(x.device).reshape(-1).expand(B)
-        emb = self.embeds[cond]
+        B, dev = x.shape[0], self.embeds.device  # states may live on the CPU, the backbone on a GPU
+        cond = torch.full((B,), self.num_classes, dtype=torch.long, device=dev) if cond is None else cond.to(dev)
+        t = torch.as_tensor(t).to(dev).reshape(-1).expand(B)
+        emb, x_in = self.embeds[cond], x.to(dev)
         ac = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
               else contextlib.nullcontext())
         with ac:
             if self.kind == "diffusion":
-                out = run(x, t, encoder_hidden_states=emb).sample
+                out = run(x_in, t, encoder_hidden_states=emb).sample
             else:
-                out = run(hidden_states=x, timestep=t, encoder_hidden_states=emb,
-                                  pooled_projections=self.pooled[cond]).sample
-        return out.to(x.dtype)
+                out = run(hidden_states=x_in, timestep=t, encoder_hidden_states=emb,
+                          pooled_projections=self.pooled[cond]).sample
+        return out.to(device=x.device, dtype=x.dtype)
 
     def lora_parameters(self):
         return [p for p in self.backbone.parameters() if p.requires_grad]
@@ -407,18 +407,18 @@ class LatentReward:
     def decode(self, z):
         cfg = self.vae.config
         z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        x = self.vae.decode(z.to(self.vae.dtype)).sample
+        x = self.vae.decode(z.to(device=self.vae.device, dtype=self.vae.dtype)).sample
         return x.to(z.dtype).clamp(-1, 1)
 
-    def __call__(self, z, cond=None):
+    def __call__(self, z, cond=None):  # rewards come back on the device of the states
         if self.differentiable:
-            return self.pixel(self.decode(z), cond)
+            return self.pixel(self.decode(z), cond).to(z.device)
         with torch.no_grad():
-            return self.pixel(self.decode(z), cond)
+            return self.pixel(self.decode(z), cond).to(z.device)
 
     def features(self, z):
         with torch.no_grad():
-            return self.pixel.features(self.decode(z))
+            return self.pixel.features(self.decode(z)).to(z.device)
 
 
 # ---- the context for the bench ------------------------------------------------------------------------------
@@ -481,10 +481,32 @@ def build(method, profile: str, pixel_reward, prompts="simple_animals", model: s
     res = resolution or prof.resolution
     latent = res // pipe.vae_scale_factor
     shape = (backbone.config.in_channels, latent, latent)
+    if isinstance(pixel_reward, nn.Module):  # e.g. the LAION head on CLIP: next to the VAE
+        pixel_reward.to(device)
     ctx = Context(process=process, policy=Policy(net, process, w), ref=Policy(ReferenceNet(net), process, w),
                   behaviour=Policy(BehaviourNet(net), process, w),
                   reward=LatentReward(pipe.vae, pixel_reward, prompt_list), hp=hp, shape=shape)
     return FullScale(ctx=ctx, pipe=pipe, net=net, prompts=prompt_list, profile=prof, extra={"lora": lo})
+
+
+def make_profile_process(prof: Profile, pipe, num_steps: int):
+    """The profile's process on the pipeline's own scheduler constants, with `num_steps` steps
+    (the bench's evaluation uses ``prof.num_steps['eval']``)."""
+    return make_process(prof.kind, num_steps=int(num_steps), **_process_kw(prof, pipe))
+
+
+def trainable_state(net: LatentNet) -> dict:
+    """The trainable (LoRA) parameters by name: what a full-scale checkpoint holds (never the base)."""
+    return {n: p.detach().contiguous() for n, p in net.backbone.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(net: LatentNet, state: dict) -> None:
+    params = {n: p for n, p in net.backbone.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise ValueError(f"checkpoint holds {len(state)} tensors, the adapter {len(params)}: not this run's LoRA")
+    for n, p in params.items():
+        p.copy_(state[n].to(p.device, p.dtype))
 
 
 def _process_kw(prof: Profile, pipe) -> dict:

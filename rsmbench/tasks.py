@@ -72,6 +72,12 @@ def parse_overrides(overrides) -> list[str]:
     return out
 
 
+def full_scale_profiles(name: str) -> list[str]:
+    """The full-scale profiles (sd15, sd35) a task file declares, in PROFILES order."""
+    declared = _read(name).get("profiles") or {}
+    return [p for p in PROFILES if p != "tiny" and p in declared]
+
+
 def load(name: str, overrides=(), profile: str = "tiny") -> DictConfig:
     """Task name → resolved config, with the profile overlay and dotlist overrides applied."""
     if profile not in PROFILES:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +96,17 @@ def run_config(task_cfg, method_id: str, formulation: str, kind: str, seed: int,
     budget = int(cfg["budget"]["reward_queries"])
     if mode == "published" and "budget_reward_queries" in hp:
         budget = int(hp["budget_reward_queries"])
-    return {"task": cfg["name"], "profile": cfg.get("profile", "tiny"), "method": method_id,
-            "formulation": formulation, "process": kind, "seed": int(seed),
-            "hp": hp, "budget": {"mode": mode, "reward_queries": budget},
-            "train": cfg["train"], "eval": cfg["eval"], "alpha": cfg.get("alpha"),
-            "reward": cfg["reward"], "prompts": cfg["prompts"],
-            "process_kwargs": cfg["processes"][kind]["process"], "model": cfg["processes"][kind]["model"]}
+    rc = {"task": cfg["name"], "profile": cfg.get("profile", "tiny"), "method": method_id,
+          "formulation": formulation, "process": kind, "seed": int(seed),
+          "hp": hp, "budget": {"mode": mode, "reward_queries": budget},
+          "train": cfg["train"], "eval": cfg["eval"], "alpha": cfg.get("alpha"),
+          "reward": cfg["reward"], "prompts": cfg["prompts"],
+          "process_kwargs": cfg["processes"][kind]["process"], "model": cfg["processes"][kind]["model"]}
+    if rc["profile"] != "tiny":  # full scale: the SD model and the profile's settings replace the tiny net
+        rc["process_kwargs"] = {}
+        rc["model"] = {"name": cfg.get("model"), "profile": cfg["fullscale"]["profile"]}
+        rc["fullscale"] = cfg["fullscale"]
+    return rc
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -111,15 +116,18 @@ def _features(reward, x):
 
 
 def frechet(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """Fréchet distance between Gaussian fits of two feature sets (the FID formula)."""
-    from scipy import linalg
+    """Fréchet distance between Gaussian fits of two feature sets (the FID formula)
+    ‖μ1 − μ2‖² + Tr C1 + Tr C2 − 2·Tr (C1·C2)^½.
 
-    a, b = f1.numpy(), f2.numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    With Cj = Xjᵀ·Xj/(nj − 1) (Xj the centred features), the eigenvalues of C1·C2 are the squared
+    singular values of X1·X2ᵀ/√((n1−1)(n2−1)), so Tr (C1·C2)^½ is that matrix's nuclear norm: an
+    n1×n2 SVD instead of a d×d matrix square root (exact; 1280-d features cost ms, not seconds)."""
+    a, b = f1.double().numpy(), f2.double().numpy()
+    a_c, b_c = a - a.mean(0), b - b.mean(0)
+    n1, n2 = len(a), len(b)
+    tr1, tr2 = (a_c**2).sum() / (n1 - 1), (b_c**2).sum() / (n2 - 1)
+    cross = np.linalg.svd(a_c @ b_c.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + tr1 + tr2 - 2 * cross)
 
 
 def diversity(f: torch.Tensor, max_n: int = 512) -> float:
@@ -211,10 +219,12 @@ def plot_samples(path: Path, x: torch.Tensor, title: str, base=None, target=None
 
 
 # ---- checkpoints of a run ----------------------------------------------------------------------------
-def save_state(path: Path, net, opt, it: int, counters: Counters, pending: list) -> None:
-    """Atomic run checkpoint: net (safetensors) + optimizer/counters/pending metrics (torch, weights-only)."""
+def save_state(path: Path, net, opt, it: int, counters: Counters, pending: list, state: dict | None = None) -> None:
+    """Atomic run checkpoint: net (safetensors; `state` instead of the whole net's state dict when
+    given: the LoRA weights at full scale) + optimizer/counters/pending metrics (torch, weights-only)."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path / "net.tmp"))
+    state = net.state_dict() if state is None else state
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "net.tmp"))
     torch.save({"opt": opt.state_dict(), "iteration": it, "counters": vars(counters), "pending": pending},
                path / "state.tmp")
     os.replace(path / "net.tmp", path / "net.safetensors")
@@ -229,7 +239,114 @@ def load_state(path: Path):
     return st
 
 
+# ---- what a run trains: the tiny net, or a full-scale SD model with LoRA -----------------------------------
+@dataclass
+class Setup:
+    process: object
+    policy: CountingPolicy  # θ
+    ref: CountingPolicy
+    new_behaviour: object  # () -> CountingPolicy: θ† for the next collection
+    reward: object  # uncounted
+    params: list  # the trainable parameters
+    state: object  # () -> dict of what a checkpoint holds
+    load: object  # (dict) -> None
+    evaluator: object
+    eval_process: object
+    shape: tuple
+    cond: object  # (it) -> prompt ids of iteration it
+    to_images: object = None  # final samples -> images for the PNG (decode latents at full scale)
+    gt: object = None
+
+
+def _tiny_setup(rc, task_cfg, counters) -> Setup:
+    kind, cfg_scale = rc["process"], float(rc["train"]["cfg_scale"])
+    process = tasks.build_process(task_cfg, kind)
+    base_reward = tasks.build_reward(task_cfg)
+    net = tasks.load_base(task_cfg, kind, tasks.DTYPES[rc["train"]["dtype"]])
+    net.train().requires_grad_(True)
+    shape = tasks.sample_shape(task_cfg.processes[kind].model)
+    ref = CountingPolicy(frozen_copy(net), process, cfg_scale, counters)
+    gt = tasks.ground_truth(task_cfg, base_reward)
+    cond = torch.tensor(list(rc["prompts"]["train"])).repeat_interleave(int(rc["train"]["batch_per_prompt"]))
+    return Setup(process=process, policy=CountingPolicy(net, process, cfg_scale, counters), ref=ref,
+                 new_behaviour=lambda: CountingPolicy(frozen_copy(net), process, cfg_scale, counters),
+                 reward=base_reward, params=[p for p in net.parameters() if p.requires_grad],
+                 state=net.state_dict, load=net.load_state_dict,
+                 evaluator=Evaluator(task_cfg, process, Policy(ref.net, process, cfg_scale), base_reward, shape, gt),
+                 eval_process=process, shape=shape, cond=lambda it: cond, gt=gt)
+
+
+_FULL_REWARDS: dict = {}
+
+
+def full_scale_reward(task_cfg):
+    """The task's pixel reward at full scale, built once per process (CLIP-L etc. are not reloaded per run)."""
+    import json
+
+    key = json.dumps(OmegaConf.to_container(task_cfg.reward, resolve=True), sort_keys=True)
+    if key not in _FULL_REWARDS:
+        _FULL_REWARDS[key] = tasks.build_reward(task_cfg)
+    return _FULL_REWARDS[key]
+
+
+def _full_setup(rc, task_cfg, m, counters) -> Setup:
+    """SD1.5 / SD3.5 from `model` (local dir or HF cache) with a peft LoRA (rsmbench.fullscale): the
+    reference is the adapter disabled, θ† a LoRA snapshot re-synced before each collection."""
+    from rsmbench import fullscale
+
+    fsc, tr = rc["fullscale"], rc["train"]
+    prompts = fullscale.load_prompts(rc["prompts"]["list"])
+    F = fullscale.build(m, fsc["profile"], full_scale_reward(task_cfg), prompts=prompts, model=rc["model"]["name"],
+                        hp=rc["hp"], precision=fsc["precision"], device=fsc.get("device"),
+                        dtype=tasks.DTYPES[tr["dtype"]], num_steps=fsc.get("num_steps"),
+                        cfg_scale=fsc.get("cfg_scale"), resolution=fsc.get("resolution"), seed=int(rc["seed"]),
+                        lora=fsc.get("lora"))
+    process, w = F.ctx.process, F.ctx.policy.cfg_scale
+    eval_process = fullscale.make_profile_process(F.profile, F.pipe, fsc.get("eval_steps") or F.profile.num_steps["eval"])
+    ref = CountingPolicy(F.ctx.ref.net, process, w, counters)
+
+    def new_behaviour():
+        F.sync_behaviour()  # θ† ← θ: a LoRA snapshot, never a copy of the base model
+        return CountingPolicy(F.ctx.behaviour.net, process, w, counters)
+
+    P = len(prompts)
+    train_ids = rc["prompts"].get("train")
+    per_it, bpp = int(rc["prompts"].get("per_iteration") or P), int(tr["batch_per_prompt"])
+
+    def cond(it):  # DDPO: prompts drawn uniformly from the list each iteration (seeded by run seed, iteration)
+        if train_ids:
+            ids = torch.tensor(list(train_ids))
+        else:
+            g = torch.Generator().manual_seed(int(rc["seed"]) * 1_000_003 + it)
+            ids = torch.randint(P, (per_it,), generator=g)
+        return ids.repeat_interleave(bpp)
+
+    ev = OmegaConf.create(OmegaConf.to_container(task_cfg, resolve=True))
+    ev.eval.prompts = list(rc["eval"].get("prompts") or range(P))
+    evaluator = Evaluator(ev, eval_process, Policy(F.ctx.ref.net, eval_process, w), F.ctx.reward, F.ctx.shape)
+
+    @torch.no_grad()
+    def to_images(x):
+        return F.ctx.reward.decode(x[:16]).cpu()
+
+    return Setup(process=process, policy=CountingPolicy(F.net, process, w, counters), ref=ref,
+                 new_behaviour=new_behaviour, reward=F.ctx.reward, params=F.net.lora_parameters(),
+                 state=lambda: fullscale.trainable_state(F.net), load=lambda sd: fullscale.load_trainable_state(F.net, sd),
+                 evaluator=evaluator, eval_process=eval_process, shape=F.ctx.shape, cond=cond, to_images=to_images)
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
+def row_chunks(batch, max_rows: int):
+    """[(micro-batch, its share of the rows)]: the batch's training rows in contiguous chunks of at most
+    `max_rows` (0: the whole batch). Σ share·loss(chunk) is the batch loss when the loss is a mean over
+    rows (per-element means ⟨·⟩ and sample means are); its gradient is accumulated chunk by chunk."""
+    R = len(batch.rows)
+    if not max_rows or R <= max_rows:
+        return [(batch, 1.0)]
+    return [(replace(batch, rows=batch.rows.select(idx)), len(idx) / R)
+            for idx in torch.arange(R).split(max_rows)]
+
+
 @dataclass
 class RunResult:
     iterations: int
@@ -259,28 +376,20 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
     kind, formulation = rc["process"], rc["formulation"]
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)}")
-    tr, dtype = rc["train"], tasks.DTYPES[rc["train"]["dtype"]]
-    process = tasks.build_process(task_cfg, kind)
-    base_reward = tasks.build_reward(task_cfg)
+    tr = rc["train"]
     counters = Counters()
-    reward = CountingReward(base_reward, counters)
-    net = tasks.load_base(task_cfg, kind, dtype)
-    net.train().requires_grad_(True)
-    shape = tasks.sample_shape(task_cfg.processes[kind].model)
-    cfg_scale = float(tr["cfg_scale"])
-    policy = CountingPolicy(net, process, cfg_scale, counters)
-    ref = CountingPolicy(frozen_copy(net), process, cfg_scale, counters)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=float(tr["lr"]),
-                            weight_decay=float(tr["weight_decay"]))
-    gt = tasks.ground_truth(task_cfg, base_reward)
-    evaluator = Evaluator(task_cfg, process, Policy(ref.net, process, cfg_scale), base_reward, shape, gt)
+    S = _tiny_setup(rc, task_cfg, counters) if rc["profile"] == "tiny" else _full_setup(rc, task_cfg, m, counters)
+    process, policy, ref, shape, gt, evaluator = S.process, S.policy, S.ref, S.shape, S.gt, S.evaluator
+    net, cfg_scale = policy.net, policy.cfg_scale
+    reward = CountingReward(S.reward, counters)
+    opt = torch.optim.AdamW(S.params, lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
     log_metrics = log_metrics or (lambda metrics, step: None)
     log_artifact = log_artifact or (lambda path: None)
 
     start, pending = 0, []
     st = load_state(ckpt_dir) if ckpt_dir is not None else None
     if st is not None:  # resume
-        net.load_state_dict(st["net"])
+        S.load(st["net"])
         opt.load_state_dict(st["opt"])
         start = int(st["iteration"])
         counters.__dict__.update(st["counters"])
@@ -291,20 +400,22 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
 
     budget = int(rc["budget"]["reward_queries"])
     max_it, every, ck_every = int(tr["max_iterations"]), int(rc["eval"]["every"]), int(tr["checkpoint_every"])
-    prompts = list(rc["prompts"]["train"])
-    cond = torch.tensor(prompts).repeat_interleave(int(tr["batch_per_prompt"]))
     ctx_hp = dict(rc["hp"])
+    micro_rows = int(tr.get("micro_rows") or 0)  # gradient accumulation over row chunks (full scale)
 
     def evaluate(it: int) -> dict:
         net.eval()
-        ev, x = evaluator(Policy(net, process, cfg_scale))
+        ev, x = evaluator(Policy(net, S.eval_process, cfg_scale))
         ev["iteration"] = it
         if gt is not None and it == 0:
             ev.update({f"eval/{k}": v for k, v in evaluator.base_extra.items()})
         if ckpt_dir is not None:
             png = ckpt_dir / f"samples_{it:06d}.png"
-            plot_samples(png, x, f"{rc['method']} ({formulation}, {kind}, seed {rc['seed']}) iteration {it}",
-                         base=evaluator.base.final, target=None if gt is None else gt.exact_a)
+            title = f"{rc['method']} ({formulation}, {kind}, seed {rc['seed']}) iteration {it}"
+            if S.to_images is not None:
+                plot_samples(png, S.to_images(x), title)
+            else:
+                plot_samples(png, x, title, base=evaluator.base.final, target=None if gt is None else gt.exact_a)
             log_artifact(png)
         return ev
 
@@ -315,7 +426,8 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
         if stop_after is not None and it - start >= stop_after:
             break
         it += 1
-        behaviour = CountingPolicy(frozen_copy(net), process, cfg_scale, counters)
+        behaviour = S.new_behaviour()
+        cond = S.cond(it)
         ctx = Context(process=process, policy=policy, ref=ref, behaviour=behaviour, reward=reward,
                       hp=ctx_hp, shape=shape)
         seeds = [(rc["seed"] * 1_000_003 + it) * 65_536 + k for k in range(len(cond))]
@@ -326,15 +438,18 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
         net.train()
         losses, gnorms = [], []
         for _ in range(int(ctx_hp.get("inner_updates", tr["inner_updates"]))):
-            if formulation == "original":
-                loss = m.original_loss(batch, ctx)
-            else:
-                # design-space knobs (temporal profile, extra C2) act on the RSM instance only
-                loss = rsm.rsm_loss(policy, ref, design.apply(m.rsm_spec(batch, ctx), process, ctx_hp))
-            _check_finite("loss", loss, it)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(net.parameters(), float(tr["grad_clip"]))
+            loss = 0.0
+            for mb, frac in row_chunks(batch, micro_rows):
+                if formulation == "original":
+                    part = m.original_loss(mb, ctx)
+                else:
+                    # design-space knobs (temporal profile, extra C2) act on the RSM instance only
+                    part = rsm.rsm_loss(policy, ref, design.apply(m.rsm_spec(mb, ctx), process, ctx_hp))
+                _check_finite("loss", part, it)
+                (part * frac).backward() if frac != 1.0 else part.backward()
+                loss = loss + part.detach() * frac
+            gn = torch.nn.utils.clip_grad_norm_(S.params, float(tr["grad_clip"]))
             _check_finite("gradient norm", gn, it)
             opt.step()
             if hasattr(m, "on_optimizer_step"):  # e.g. VGG-Flow's quantile clip threshold update
@@ -351,7 +466,7 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
         stats = batch.extras.get("stats", {})
         metrics.update({f"train/{k}": _stat(v) for k, v in stats.items()})
         if "approx_kl" not in stats:
-            metrics["train/approx_kl"] = _approx_kl(process, policy.net, behaviour, batch, cfg_scale)
+            metrics["train/approx_kl"] = _approx_kl(process, policy.net, behaviour, batch, cfg_scale, micro_rows)
         for k in ("nfe", "reward_queries"):
             if k in batch.extras:
                 metrics[f"train/method_reported_{k}"] = _stat(batch.extras[k])
@@ -363,7 +478,7 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
         if on_iteration:
             on_iteration(it, metrics)
         if ckpt_dir is not None and (done or it % ck_every == 0):
-            save_state(ckpt_dir, net, opt, it, counters, pending)
+            save_state(ckpt_dir, net, opt, it, counters, pending, S.state())
             for step, mm in pending:
                 log_metrics(mm, step)
             pending = []
@@ -375,7 +490,7 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
 
 
 @torch.no_grad()
-def _approx_kl(process, net, behaviour, batch, cfg_scale) -> float:
+def _approx_kl(process, net, behaviour, batch, cfg_scale, chunk_rows: int = 0) -> float:
     """Mean per-step KL(p_θ ‖ p_θ†) per element over the batch's stochastic rows, after the update."""
     rows = batch.rows
     keep = getattr(rows, "stochastic", None)
@@ -384,5 +499,8 @@ def _approx_kl(process, net, behaviour, batch, cfg_scale) -> float:
     if not bool(keep.any()):
         return float("nan")
     rows = rows.select(torch.nonzero(keep).flatten())
-    mu = process.mean(rows.x, Policy(net, process, cfg_scale)(rows.x, rows.step, rows.cond), rows.step)
-    return process.kl(mu, rows.mean, rows.step).mean().item()
+    pol, kls = Policy(net, process, cfg_scale), []
+    for idx in torch.arange(len(rows)).split(chunk_rows or len(rows)):  # bounded memory at full scale
+        r = rows.select(idx)
+        kls.append(process.kl(process.mean(r.x, pol(r.x, r.step, r.cond), r.step), r.mean, r.step))
+    return torch.cat(kls).mean().item()
