@@ -38,3 +38,18 @@ def test_stratified_bootstrap_keeps_strata_and_matches_plain_for_one_task():
     p1, l1, h1 = stratified_bootstrap_ci({"only": x}, n_resamples=20_000, seed=4)
     p2, l2, h2 = bootstrap_ci(x, n_resamples=20_000, seed=5)
     assert p1 == p2 and abs(l1 - l2) < 0.05 and abs(h1 - h2) < 0.05
+
+
+def test_frechet_nuclear_norm_form_equals_sqrtm_formula():
+    """The SVD form of Tr (C1·C2)^½ used by the evaluator equals scipy's sqrtm formula."""
+    import torch
+    from scipy import linalg
+
+    from rsmbench.train import frechet
+
+    rng = np.random.default_rng(1)
+    for n1, n2, d in ((40, 30, 5), (20, 25, 64)):  # n > d and n < d
+        a, b = rng.normal(size=(n1, d)), rng.normal(loc=0.3, size=(n2, d)) @ rng.normal(size=(d, d)) * 0.5
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+        assert frechet(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, rel=1e-8, abs=1e-8)
