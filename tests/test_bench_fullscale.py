@@ -154,3 +154,31 @@ def test_auto_profile_line_is_printed(no_cached_sd, capsys):
     out, err = capsys.readouterr()
     assert out.splitlines()[0].startswith("profile: tiny (sd15 weights not found")
     assert err.strip() == "no method applies to task 'compressibility'"
+
+
+def test_sd15_killed_run_resumes_from_lora_checkpoint(tmp_path, sd15_dir, monkeypatch):
+    """Killed after the iteration-1 checkpoint (LoRA + optimizer) but before its metrics were logged: the
+    re-run loads the LoRA weights back into the adapter and finishes with no gap or duplicate."""
+    from rsmbench import fullscale, tracking
+
+    real, state = tracking.Tracker.log_metrics, {"armed": True}
+
+    def dying(self, run_id, metrics, step):
+        if step == 1 and state["armed"]:
+            state["armed"] = False
+            raise KeyboardInterrupt
+        return real(self, run_id, metrics, step)
+
+    loaded = []
+    real_load = fullscale.load_trainable_state
+    monkeypatch.setattr(fullscale, "load_trainable_state", lambda net, sd: (loaded.append(len(sd)), real_load(net, sd)))
+    monkeypatch.setattr(tracking.Tracker, "log_metrics", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, "compressibility", "sd15", "reinforce_kl", f"model={sd15_dir}")
+    c, runs = _runs("compressibility")
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING" and not loaded
+    assert _bench(tmp_path, "compressibility", "sd15", "reinforce_kl", f"model={sd15_dir}") == 0
+    c, runs = _runs("compressibility")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and len(loaded) == 1 and loaded[0] > 0
+    steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "iteration")]
+    assert sorted(steps) == [0, 1, 2]
