@@ -272,7 +272,7 @@ def heatmap_figure(runs: pd.DataFrame, out: Path) -> list[str] | None:
     if not axes:
         return None
     rows_ax = axes[0]
-    cols_ax = axes[1] if len(axes) > 1 else "task"
+    cols_ax = axes[1] if len(axes) > 1 else ("task" if runs.task.nunique() > 1 else "process")
     metrics = [("eval/reward_mean", "final eval reward")] + \
               ([("eval/J_gap", "J-gap (gmm)")] if "eval/J_gap" in runs and runs["eval/J_gap"].notna().any() else [])
     fig, axs = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 0.5 * runs[rows_ax].nunique() + 2.5),

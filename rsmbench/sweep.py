@@ -1,6 +1,7 @@
 """`rsmbench sweep FILE`: the Cartesian product of design-space axes, one MLflow run per point.
 
-    rsmbench sweep tasks/sweeps/NAME.yaml [--workers N] [--launcher local|ray] [--ray-address A] [--dry-run]
+    rsmbench sweep tasks/sweeps/NAME.yaml [--workers N] [--launcher local|ray] [--ray-address A]
+                   [--tasks T1,T2] [--dry-run]
 
 A sweep file (omegaconf YAML, kept in ``tasks/sweeps/``):
 
@@ -253,6 +254,7 @@ def add_parser(sub):
     p.add_argument("--launcher", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start/attach locally)")
     p.add_argument("--cpus-per-point", type=int, default=1, help="CPUs each Ray task asks for")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the file's task axis")
     p.add_argument("--dry-run", action="store_true", help="print the points and the budget; run nothing")
     p.set_defaults(run=_run)
 
@@ -262,6 +264,12 @@ def _run(args) -> int:
 
     try:
         cfg = load(args.file)
+        if args.tasks:
+            keep = [t for t in args.tasks.split(",") if t]
+            bad = [t for t in keep if t not in cfg["tasks"]]
+            if bad:
+                raise SweepError(f"--tasks {','.join(bad)} not in the sweep's tasks ({', '.join(cfg['tasks'])})")
+            cfg["tasks"] = keep
         points = expand(cfg)
     except SweepError as e:
         raise UsageError(str(e)) from None
