@@ -26,7 +26,7 @@ test: $(STAMP)  ## the test suite (benchmarks excluded)
 
 bench: $(STAMP)  ## compare the methods on TASK (PROFILE, METHODS, SEEDS optional)
 	$(VENV)/bin/rsmbench bench --task $(TASK) $(if $(PROFILE),--profile $(PROFILE)) \
-		$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS))
+		$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(model),model=$(model))
 
 equiv: $(STAMP)  ## gradient equivalence of every method's two formulations (float64)
 	$(VENV)/bin/rsmbench equiv --json results/equiv.json
