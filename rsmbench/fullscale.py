@@ -157,7 +157,7 @@ def resolve_model(model: str, allow_download: bool = False) -> str:
         raise MissingWeights(
             f"base model {model!r} is not in the Hugging Face cache ({type(e).__name__}); run "
             f"`huggingface-cli download {model}` on a machine with access (accept its licence first), "
-            f"or pass model=/path/to/diffusers/dir, or allow downloads (allow_download=true)") from None
+            f"or pass model=/path/to/diffusers/dir") from None
 
 
 def check_weights(profile: str, model: str | None = None, reward: str | None = None,
