@@ -4,6 +4,11 @@
                    [--formulation rsm|original|both] [--seeds N] [--budget matched|published]
                    [key=value ...]
 
+Without --profile the bench takes the task's full-scale profile (sd15, then sd35) when its weights
+are found locally (``fullscale.check_weights``: a directory or the HF cache, never a download), else
+tiny, and says which and why in one line. With a full-scale profile, missing model or reward weights
+are one line and exit code 2 before anything is created.
+
 A run is method × formulation × process × seed (the task's ``bench.processes`` that the method
 supports). Every input is validated before anything is written: a bad task, profile, method,
 formulation or override is one line and exit code 2. Runs are matched by the hash of their

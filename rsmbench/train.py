@@ -7,7 +7,11 @@ Per iteration k (CleanRL-style, hyperparameters in the task file):
         loss = method.original_loss(batch, ctx)              formulation 'original'
              | rsm.rsm_loss(θ, ref, method.rsm_spec(batch, ctx))   formulation 'rsm'
         AdamW step after clipping the gradient norm
-until the reward-query budget is spent. Reward queries and network evaluations (NFEs) are counted
+until the reward-query budget is spent. Full-scale profiles (sd15 / sd35, ``_full_setup``): θ is the
+peft LoRA of the SD model built by ``rsmbench.fullscale.build``, the reference is the adapter
+disabled, θ† a LoRA snapshot (``sync_behaviour`` before each collection; the base is never copied),
+prompts are drawn from the task's prompt list each iteration, the loss gradient is accumulated over
+chunks of ``train.micro_rows`` rows, and checkpoints hold the LoRA tensors only. Reward queries and network evaluations (NFEs) are counted
 generically by wrapping the reward and the three policies, so every method is accounted alike.
 
 Evaluation (task ``eval`` section, logged with the run): fixed held-out seeds and prompts, the
