@@ -125,12 +125,17 @@ def frechet(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
     With Cj = Xjᵀ·Xj/(nj − 1) (Xj the centred features), the eigenvalues of C1·C2 are the squared
     singular values of X1·X2ᵀ/√((n1−1)(n2−1)), so Tr (C1·C2)^½ is that matrix's nuclear norm: an
-    n1×n2 SVD instead of a d×d matrix square root (exact; 1280-d features cost ms, not seconds)."""
+    n1×n2 SVD instead of a d×d matrix square root (exact; 1280-d features cost ms, not seconds).
+    With thin SVDs Xj = Uj·Sj·Vjᵀ that nuclear norm is ‖S1·V1ᵀ·V2·S2‖_* (a min(n, d)-sized matrix),
+    so many samples of few features never form the n1×n2 product."""
     a, b = f1.double().numpy(), f2.double().numpy()
     a_c, b_c = a - a.mean(0), b - b.mean(0)
     n1, n2 = len(a), len(b)
     tr1, tr2 = (a_c**2).sum() / (n1 - 1), (b_c**2).sum() / (n2 - 1)
-    cross = np.linalg.svd(a_c @ b_c.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    _, s1, v1 = np.linalg.svd(a_c, full_matrices=False)
+    _, s2, v2 = np.linalg.svd(b_c, full_matrices=False)
+    m = (s1[:, None] * v1) @ (v2.T * s2[None, :])
+    cross = np.linalg.svd(m, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + tr1 + tr2 - 2 * cross)
 
 
