@@ -156,9 +156,14 @@ def results_table(runs: pd.DataFrame, task: str) -> tuple[pd.DataFrame, dict, pd
     cols = {name: m for name, (m, _) in FINAL.items() if m in d}
     cols["queries to threshold"] = "queries_to_threshold"
     num, disp = [], []
-    for (mid, form, proc), g in d.groupby(["method", "formulation", "process"]):
+    axes = [c for c in d.columns if c.startswith("sweep.") and d[c].notna().any()]
+    for key, g in d.groupby(["method", "formulation", "process"] + axes, dropna=False):
+        mid, form, proc = key[:3]
         nrow, drow = {"method": mid, "formulation": form, "process": proc}, {"method": mid, "form.": form,
-                                                                          "process": proc, "seeds": len(g)}
+                                                                          "process": proc}
+        for a, v in zip(axes, key[3:]):  # sweep levels distinguish runs of the same method
+            drow[a.removeprefix("sweep.")] = v if isinstance(v, str) else "–"
+        drow["seeds"] = len(g)
         for name, metric in cols.items():
             v = g[metric].dropna().to_numpy(float) if metric in g else np.array([])
             if len(v) == 0:
