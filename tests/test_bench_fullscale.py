@@ -135,7 +135,7 @@ def test_auto_profile_tiny_without_weights(no_cached_sd):
     note = args.profile_note
     assert len(note.splitlines()) == 1 and note.startswith("profile: tiny (sd15 weights not found: ")
     assert "rsmbench-test/absent-sd15" in note and note.endswith("pass --profile sd15 model=PATH to use them)")
-    assert {r["process"] for r in runs} == {"flow", "diffusion"}  # the tiny task's processes
+    assert {r["process"] for r in runs} == set(cfg.bench.processes)  # the tiny task's benched processes
     gmm = _args(task="gmm")
     bench.plan(gmm)
     assert gmm.profile == "tiny" and gmm.profile_note == "profile: tiny (task 'gmm' has no full-scale profile)"
