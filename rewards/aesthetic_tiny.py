@@ -28,7 +28,6 @@ recipe, the held-out ranking accuracy and the file's sha256, which is verified o
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from rsmbench.pretrain import sha256  # the same hash check as the base checkpoints
 
 from rewards import register_reward
 
@@ -53,12 +54,6 @@ class WeightsError(ValueError):
     """A missing or corrupted committed weights file (one clear line)."""
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- encoder -----------------------------------------------------------------------------
