@@ -63,12 +63,9 @@ def applies(m, task_cfg, reward) -> str:
 
 def check_full_scale(cfg) -> str:
     """The model directory of a full-scale config, or ``fullscale.MissingWeights`` (local lookups only)."""
-    from omegaconf import OmegaConf
+    from rsmbench import fullscale, tasks
 
-    from rsmbench import fullscale
-
-    return fullscale.check_weights(cfg.fullscale.profile, cfg.get("model"), cfg.reward.name,
-                                   OmegaConf.to_container(cfg.reward.get("cfg") or {}, resolve=True))
+    return fullscale.check_weights(cfg.fullscale.profile, cfg.get("model"), cfg.reward.name, tasks.reward_kwargs(cfg))
 
 
 def choose_profile(task: str, overrides) -> tuple[str, str]:

@@ -132,11 +132,17 @@ def build_process(cfg: DictConfig, kind: str):
     return make_process(kind, **OmegaConf.to_container(cfg.processes[kind].process, resolve=True))
 
 
+def reward_kwargs(cfg: DictConfig) -> dict:
+    """The reward's keyword arguments: ``reward.cfg`` as a dict ({} when absent, null or empty)."""
+    kw = cfg.reward.get("cfg")
+    return OmegaConf.to_container(kw, resolve=True) if kw is not None else {}
+
+
 def build_reward(cfg: DictConfig):
     import rewards
 
     try:
-        return rewards.get(cfg.reward.name, **OmegaConf.to_container(cfg.reward.get("cfg") or {}, resolve=True))
+        return rewards.get(cfg.reward.name, **reward_kwargs(cfg))
     except KeyError as e:
         raise TaskError(str(e).strip("'\"")) from None
 

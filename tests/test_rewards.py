@@ -114,3 +114,23 @@ def test_head_card_records_recipe_and_hash():
     assert card["sha256"] == aesthetic_tiny.sha256(aesthetic_tiny.HEAD_PATH)
     assert card["recipe"]["seed"] == aesthetic_tiny.RECIPE["seed"]
     assert card["metrics"]["heldout_ranking_accuracy"] > 0.7  # measured .749 (card)
+
+
+@pytest.mark.parametrize("spec", [{"name": "compressibility"}, {"name": "compressibility", "cfg": None},
+                                  {"name": "compressibility", "cfg": {}}])
+def test_task_reward_without_cfg_uses_the_defaults(spec):
+    from omegaconf import OmegaConf
+
+    from rsmbench import tasks
+
+    r = tasks.build_reward(OmegaConf.create({"reward": spec}))
+    assert isinstance(r, jpeg.JpegReward) and r.quality == 95
+
+
+def test_task_reward_unknown_name_is_a_task_error():
+    from omegaconf import OmegaConf
+
+    from rsmbench import tasks
+
+    with pytest.raises(tasks.TaskError, match="unknown reward 'nope'; choose from .*compressibility"):
+        tasks.build_reward(OmegaConf.create({"reward": {"name": "nope", "cfg": {}}}))
