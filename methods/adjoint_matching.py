@@ -62,7 +62,7 @@ class AdjointMatching(Method):
         """The lean adjoint along each stored path (no grad): data of the batch, like advantages."""
         adj = lean_adjoint(ctx.ref, batch.rollout, batch.extras["terminal_grad"], ctx.hp["reward_scale"])
         rows = batch.rows
-        batch.extras["lean_adjoint_next"] = adj[rows.sample, rows.step - int(batch.rollout.steps[0]) + 1]
+        batch.row_data["lean_adjoint_next"] = adj[rows.sample, rows.step - int(batch.rollout.steps[0]) + 1]
 
     def original_loss(self, batch, ctx):
         rows, p = batch.rows, ctx.process
@@ -71,11 +71,11 @@ class AdjointMatching(Method):
             out_base = ctx.ref(rows.x, rows.step, rows.cond)
         mu, mu_base = p.mean(rows.x, out, rows.step), p.mean(rows.x, out_base, rows.step)
         std = p.std(rows.step, like=rows.x)
-        resid = (mu - mu_base) / std + std * batch.extras["lean_adjoint_next"]
+        resid = (mu - mu_base) / std + std * batch.row_data["lean_adjoint_next"]
         return (0.5 * resid**2).reshape(len(rows), -1).mean(dim=1).mean()
 
     def rsm_spec(self, batch, ctx):
         rows = batch.rows
-        psi = stein_shift(ctx.process, rows, -batch.extras["lean_adjoint_next"])
+        psi = stein_shift(ctx.process, rows, -batch.row_data["lean_adjoint_next"])
         return RSMSpec(rows=rows, psi=psi, gamma=torch.ones(len(rows)), c1=weights.kl_natural(ctx.process, rows, 1.0),
                        c2=torch.zeros(len(rows)), anchor="ref")

@@ -81,7 +81,7 @@ class DPOK(Method):
             t = p.model_t[rows.step].to(rows.x.dtype)
             v, _ = fit_value_baseline(rows.x, t, r[rows.sample], rows.cond, hp["v_steps"], hp["v_lr"],
                                       hp["v_hidden"], num_classes)
-            batch.extras["value"] = v  # per row
+            batch.row_data["value"] = v
         # the RSM instance's control variate: the terminal reward's per-prompt mean (or none)
         b = prompt_means(batch.rewards, batch.cond) if hp["value_baseline"] else torch.zeros_like(batch.rewards)
         batch.extras["advantages"] = batch.rewards - b
@@ -90,7 +90,7 @@ class DPOK(Method):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
         adv = batch.extras["returns"][rows.sample]
         if hp["value_baseline"]:
-            adv = adv - batch.extras["value"]
+            adv = adv - batch.row_data["value"]
         out = ctx.policy(rows.x, rows.step, rows.cond)
         mu = p.mean(rows.x, out, rows.step)
         log_ratio = p.log_prob(rows.x_next, mu, rows.step) - rows.log_prob

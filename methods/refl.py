@@ -74,6 +74,6 @@ class ReFL(Method):
     def rsm_spec(self, batch, ctx):
         hp, rows = ctx.hp, batch.rows
         omega = hp["reward_scale"] * phi_slope(batch.rewards, hp["reward_loss"], hp["reward_target"])
-        psi = tweedie_pullback(ctx.process, rows, batch.extras["x0_grad"], omega[rows.sample])
+        psi = tweedie_pullback(ctx.process, rows, batch.extras["x0_grad"][rows.sample], omega[rows.sample])
         return RSMSpec(rows=rows, psi=psi, gamma=torch.ones(len(rows)), c1=weights.pathwise(rows, 1),
                        c2=torch.zeros(len(rows)), anchor="behaviour")

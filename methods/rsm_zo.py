@@ -99,14 +99,14 @@ class RSMZeroOrder(Method):
         n_a = 0 if anchors is None else len(anchors)
         batch.rows = rows if anchors is None else cat_rows([rows, anchors])
         batch.extras["advantages"] = adv
-        batch.extras["row_weight"] = torch.cat([kw, torch.zeros(n_a, dtype=kw.dtype)])
-        batch.extras["kl_anchor"] = torch.cat([torch.zeros(len(rows), dtype=torch.bool),
+        batch.row_data["row_weight"] = torch.cat([kw, torch.zeros(n_a, dtype=kw.dtype)])
+        batch.row_data["kl_anchor"] = torch.cat([torch.zeros(len(rows), dtype=torch.bool),
                                                torch.ones(n_a, dtype=torch.bool)])
 
     # ---- original ------------------------------------------------------------------------------------
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
-        is_a, kw = batch.extras["kl_anchor"], batch.extras["row_weight"]
+        is_a, kw = batch.row_data["kl_anchor"], batch.row_data["row_weight"]
         br, an = rows.select(~is_a), rows.select(is_a)
         A = batch.extras["advantages"][br.sample]
         out = ctx.policy(br.x, br.step, br.cond)
@@ -145,7 +145,7 @@ class RSMZeroOrder(Method):
     # ---- RSM instance ----------------------------------------------------------------------------------
     def rsm_spec(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
-        is_a, kw = batch.extras["kl_anchor"], batch.extras["row_weight"]
+        is_a, kw = batch.row_data["kl_anchor"], batch.row_data["row_weight"]
         beta = self._hp(ctx, "beta")
         b = beta if beta > 0 else 1.0
         A = torch.where(is_a, 0.0, batch.extras["advantages"][rows.sample])

@@ -66,18 +66,18 @@ def collect(method, ctx, cond: torch.Tensor, seeds, accelerator) -> Batch:
     for k, v in view.extras.items():
         if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == G and G != sl.stop - sl.start:
             view.extras[k] = v[sl]
-    batch.extras = view.extras
+    batch.extras, batch.rows, batch.row_data = view.extras, view.rows, view.row_data  # prepare may re-select rows
     return batch
 
 
 def micro_batches(batch: Batch, n: int) -> list[Batch]:
-    """Split a batch's rows into n equal, contiguous micro-batches (extras and rollout shared)."""
+    """Split a batch's rows into n equal, contiguous micro-batches (extras and rollout shared,
+    per-row data split with the rows)."""
     R = len(batch.rows)
     if R % n:
         raise ValueError(f"{R} training rows do not split into {n} equal micro-batches")
     k = R // n
-    return [Batch(rollout=batch.rollout, rows=batch.rows.select(slice(j * k, (j + 1) * k)), rewards=batch.rewards,
-                  cond=batch.cond, extras=batch.extras) for j in range(n)]
+    return [batch.select_rows(slice(j * k, (j + 1) * k)) for j in range(n)]
 
 
 def accumulate_gradients(method, ctx, batch: Batch, accelerator, model, formulation: str = "original") -> list[float]:

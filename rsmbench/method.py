@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -50,6 +50,11 @@ class Batch:
     rewards: torch.Tensor  # (B,) terminal rewards of the collected samples (or leaves)
     cond: torch.Tensor | None
     extras: dict = field(default_factory=dict)  # advantages, groups, reward gradients, ...
+    row_data: dict = field(default_factory=dict)  # tensors aligned with `rows` (leading dim = len(rows))
+
+    def select_rows(self, index) -> "Batch":
+        """The batch restricted to some training rows; per-row data follows (micro-batches)."""
+        return replace(self, rows=self.rows.select(index), row_data={k: v[index] for k, v in self.row_data.items()})
 
 
 class Method:

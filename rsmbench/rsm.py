@@ -19,6 +19,7 @@ depend on v (a = 0): there only the native form is finite, and it is the limit o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,7 @@ def to_score(a: torch.Tensor, c1=None, psi=None, c2=None):
 
 def elementwise_mean(z: torch.Tensor) -> torch.Tensor:
     """⟨z⟩ per row: mean over every non-batch dimension."""
-    return z.reshape(z.shape[0], -1).mean(dim=1)
+    return z.reshape(z.shape[0], math.prod(z.shape[1:])).mean(dim=1)  # explicit width: 0 rows is fine
 
 
 def rsm_loss_rows(out_theta: torch.Tensor, out_ref: torch.Tensor, spec: RSMSpec) -> torch.Tensor:

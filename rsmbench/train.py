@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -352,8 +352,7 @@ def row_chunks(batch, max_rows: int):
     R = len(batch.rows)
     if not max_rows or R <= max_rows:
         return [(batch, 1.0)]
-    return [(replace(batch, rows=batch.rows.select(idx)), len(idx) / R)
-            for idx in torch.arange(R).split(max_rows)]
+    return [(batch.select_rows(idx), len(idx) / R) for idx in torch.arange(R).split(max_rows)]
 
 
 @dataclass
@@ -445,8 +444,9 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
         m.prepare(batch, ctx)
         _check_finite("reward", batch.rewards, it)
         net.train()
-        losses, gnorms = [], []
-        for _ in range(int(ctx_hp.get("inner_updates", tr["inner_updates"]))):
+        losses, gnorms, stat_sums = [], [], {}
+        n_updates = int(ctx_hp.get("inner_updates", tr["inner_updates"]))
+        for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
             loss = 0.0
             for mb, frac in row_chunks(batch, micro_rows):
@@ -458,6 +458,8 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
                 _check_finite("loss", part, it)
                 (part * frac).backward() if frac != 1.0 else part.backward()
                 loss = loss + part.detach() * frac
+                for k, v in mb.extras.pop("stats", {}).items():  # row-weighted mean over chunks and updates
+                    stat_sums[k] = stat_sums.get(k, 0.0) + _stat(v) * frac / n_updates
             gn = torch.nn.utils.clip_grad_norm_(S.params, float(tr["grad_clip"]))
             _check_finite("gradient norm", gn, it)
             opt.step()
@@ -472,7 +474,7 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
                    "train/reward_queries": counters.reward_queries, "train/nfe": counters.nfe,
                    "train/wall_time": counters.wall_time, "train/loss": float(np.mean(losses)),
                    "train/grad_norm": float(np.mean(gnorms))}
-        stats = batch.extras.get("stats", {})
+        stats = {**batch.extras.get("stats", {}), **stat_sums}  # collect-time stats, then the loss's
         metrics.update({f"train/{k}": _stat(v) for k, v in stats.items()})
         if "approx_kl" not in stats:
             metrics["train/approx_kl"] = _approx_kl(process, policy.net, behaviour, batch, cfg_scale, micro_rows)

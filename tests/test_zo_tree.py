@@ -45,7 +45,7 @@ def _zo_batch(process, **hp):
 @pytest.mark.parametrize("process", ["diffusion", "flow"])
 def test_kl_anchor_rows_have_zero_guidance_and_pull_to_reference(process):
     m, ctx, batch = _zo_batch(process)
-    is_a, rows = batch.extras["kl_anchor"], batch.rows
+    is_a, rows = batch.row_data["kl_anchor"], batch.rows
     k = tree.branch_schedule(ctx.hp["k"], ctx.process.num_steps)
     n_branch = int((~is_a).sum())
     assert int(is_a.sum()) == math.floor(0.1 * n_branch) > 0
@@ -82,7 +82,7 @@ def test_kl_anchor_rows_have_zero_guidance_and_pull_to_reference(process):
 
 def test_rsm_zo_branch_weights_masking_and_nfe():
     m, ctx, batch = _zo_batch("diffusion")
-    is_a, rows, kw = batch.extras["kl_anchor"], batch.rows, batch.extras["row_weight"]
+    is_a, rows, kw = batch.row_data["kl_anchor"], batch.rows, batch.row_data["row_weight"]
     k_avg = (3 + 2 + 3 + 2) / 4  # defaults k = [3, 2, 3, 2]
     k_row = torch.tensor([3.0, 2.0, 3.0, 2.0], dtype=torch.float64)[rows.step[~is_a]]
     torch.testing.assert_close(kw[~is_a], k_avg / k_row)
@@ -94,7 +94,7 @@ def test_rsm_zo_branch_weights_masking_and_nfe():
     flat = lambda x, c: torch.where(c == 0, torch.ones(len(x), dtype=x.dtype), equivalence.toy_reward(x))  # noqa: E731
     ctx.reward = flat
     b2 = equivalence.collect(m, ctx)
-    kept = b2.rows.select(~b2.extras["kl_anchor"])
+    kept = b2.rows.select(~b2.row_data["kl_anchor"])
     assert len(kept) == B * 10 // 2 and (kept.cond == 1).all()
 
 
