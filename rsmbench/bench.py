@@ -101,7 +101,7 @@ def plan(args):
     from rsmbench import tasks
     from rsmbench.cli import UsageError
     from rsmbench.pretrain import CheckpointError, load_checkpoint
-    from rsmbench.train import full_scale_reward, run_config
+    from rsmbench.train import run_config, shared_reward
 
     try:
         if getattr(args, "profile", None) is None:
@@ -109,9 +109,9 @@ def plan(args):
         cfg = tasks.load(args.task, args.overrides, args.profile)
         if args.profile != "tiny":  # weights first: a missing one is one line, before anything is loaded
             check_full_scale(cfg)
-            reward = full_scale_reward(cfg)
+            reward = shared_reward(cfg)
         else:
-            reward = tasks.build_reward(cfg)
+            reward = shared_reward(cfg)
     except (tasks.TaskError, fullscale.MissingWeights) as e:
         raise UsageError(str(e)) from None
     formulation = args.formulation or cfg.bench.get("formulation", "both")
@@ -330,24 +330,17 @@ def summarize(cfg, records) -> tuple[str, list[dict]]:
 
 def base_line(cfg) -> str:
     """The gmm floors and reference values (the base model's own numbers), for the report."""
-    from rsmbench import tasks
-    from rsmbench.models import Policy
-    from rsmbench.train import Evaluator
+    from rsmbench.train import tiny_evaluator
 
     if cfg.profile != "tiny":  # no exact optimum at full scale
-        return ""
-    reward = tasks.build_reward(cfg)
-    gt = tasks.ground_truth(cfg, reward)
-    if gt is None:
         return ""
     out = []
     for kind in cfg.bench.processes:
         if kind not in cfg.processes:
             continue
-        net = tasks.load_base(cfg, kind)
-        process = tasks.build_process(cfg, kind)
-        ev = Evaluator(cfg, process, Policy(net, process, float(cfg.train.cfg_scale)), reward,
-                       tasks.sample_shape(cfg.processes[kind].model), gt)
+        ev = tiny_evaluator(cfg, kind)  # the base samples the runs were evaluated against
+        if ev.gt is None:  # only gmm knows its optimum
+            return ""
         b = ev.base_extra
         out.append(f"- {kind} base: E[r] = J_ref = {b['J_ref']:.3f}; J* = {b['J_star_model']:.3f} (base-model MC), "
                    f"{b['J_star_exact']:.3f} (exact mixture); base gap J* − J_ref = {b['gap_ref']:.3f}; "

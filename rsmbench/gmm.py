@@ -123,20 +123,34 @@ def value_gradient(process, i: int, x: torch.Tensor, ref: Mixture, target: Mixtu
 
 
 # ---- sample metrics -----------------------------------------------------------------------------
-def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance with fixed random directions: per direction, the sorted
-    projections are matched at the m = min(n_x, n_y) mid-quantiles (i + ½)/m."""
-    x, y = x.detach().double().reshape(len(x), -1), y.detach().double().reshape(len(y), -1)
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    m = min(len(x), len(y))
+class SortedProjections:
+    """A sample set's projections on fixed random unit directions, sorted per direction: one side
+    of a sliced-Wasserstein distance, computed once for a set compared many times (the exact target)."""
 
-    def quantiles(z):
-        zs = (z @ dirs).sort(dim=0).values
-        return zs[((torch.arange(m, dtype=torch.float64) + 0.5) * len(z) / m).long()]
+    def __init__(self, z: torch.Tensor, n_proj: int = 256, seed: int = 0):
+        z = z.detach().double().reshape(len(z), -1)
+        g = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(z.shape[1], n_proj, generator=g, dtype=torch.float64)
+        self.n_proj, self.seed, self.n = n_proj, seed, len(z)
+        self.sorted = (z @ (dirs / dirs.norm(dim=0, keepdim=True))).sort(dim=0).values
 
-    return math.sqrt(((quantiles(x) - quantiles(y)) ** 2).mean().item())
+    def quantiles(self, m: int) -> torch.Tensor:
+        """The m mid-quantiles (i + ½)/m per direction."""
+        return self.sorted[((torch.arange(m, dtype=torch.float64) + 0.5) * self.n / m).long()]
+
+    def distance(self, other: "SortedProjections") -> float:
+        """Sliced 2-Wasserstein distance: per direction, the sorted projections matched at the
+        m = min(n_x, n_y) mid-quantiles."""
+        m = min(self.n, other.n)
+        return math.sqrt(((self.quantiles(m) - other.quantiles(m)) ** 2).mean().item())
+
+
+def sliced_wasserstein(x: torch.Tensor, y, n_proj: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between sample sets x and y (y may be precomputed
+    ``SortedProjections`` with the same n_proj and seed)."""
+    if not isinstance(y, SortedProjections):
+        y = SortedProjections(y, n_proj, seed)
+    return SortedProjections(x, y.n_proj, y.seed).distance(y)
 
 
 class GroundTruth:
@@ -149,7 +163,8 @@ class GroundTruth:
         g = torch.Generator().manual_seed(seed)
         self.exact_a = self.target.sample(n_exact, g)
         self.exact_b = self.target.sample(n_exact, g)
-        self.sw_floor = sliced_wasserstein(self.exact_a, self.exact_b)
+        self._exact_a_proj = SortedProjections(self.exact_a)  # compared with every eval's samples
+        self.sw_floor = sliced_wasserstein(self.exact_b, self._exact_a_proj)
 
     def value_gradient(self, process, i: int, x: torch.Tensor) -> torch.Tensor:
         return value_gradient(process, i, x, self.ref, self.target)
@@ -168,13 +183,13 @@ class GroundTruth:
                 "sw_floor_exact": self.sw_floor,
                 "sw_base_to_mixture": sliced_wasserstein(base_samples, self.ref.sample(
                     len(self.exact_a), torch.Generator().manual_seed(7))),
-                "sw_base_to_target": sliced_wasserstein(base_samples, self.exact_a)}
+                "sw_base_to_target": sliced_wasserstein(base_samples, self._exact_a_proj)}
 
     def run_metrics(self, samples: torch.Tensor, reward_mean: float, path_kl: float, J_star_model: float) -> dict:
         """J = E[r] − α·KL, its gaps to J* (model MC and exact), and SW to exact tilted samples."""
         J = reward_mean - self.alpha * path_kl
         return {"J": J, "J_gap": J_star_model - J, "J_gap_exact": self.J_star_exact - J,
-                "sw_to_target": sliced_wasserstein(samples, self.exact_a)}
+                "sw_to_target": sliced_wasserstein(samples, self._exact_a_proj)}
 
 
 def as_numpy(x: torch.Tensor) -> np.ndarray:

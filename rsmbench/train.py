@@ -27,6 +27,7 @@ run killed anywhere has neither a gap nor a duplicate in its metric history.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -147,7 +148,8 @@ def diversity(f: torch.Tensor, max_n: int = 512) -> float:
 
 
 class Evaluator:
-    """The pinned eval protocol of a task on one process; base samples computed once."""
+    """The pinned eval protocol of a task on one process; base samples computed once (and shared by
+    the runs of one bench process, ``_tiny_setup``)."""
 
     def __init__(self, task_cfg, process, ref: Policy, reward, shape, gt=None):
         ev = task_cfg.eval
@@ -181,8 +183,10 @@ class Evaluator:
         return total
 
     @torch.no_grad()
-    def __call__(self, policy) -> tuple[dict, torch.Tensor]:
-        ro = self._sample(policy)
+    def __call__(self, policy, at_base: bool = False) -> tuple[dict, torch.Tensor]:
+        """Eval metrics of `policy` and its final samples. ``at_base``: the caller guarantees that
+        θ = the base model (iteration 0), whose samples on the pinned seeds are already ``self.base``."""
+        ro = self.base if at_base else self._sample(policy)
         x = ro.final
         r = self.reward(x, ro.cond).detach().double()
         feat = _features(self.reward, x)
@@ -270,32 +274,56 @@ class Setup:
 def _tiny_setup(rc, task_cfg, counters) -> Setup:
     kind, cfg_scale = rc["process"], float(rc["train"]["cfg_scale"])
     process = tasks.build_process(task_cfg, kind)
-    base_reward = tasks.build_reward(task_cfg)
+    base_reward = shared_reward(task_cfg)
     net = tasks.load_base(task_cfg, kind, tasks.DTYPES[rc["train"]["dtype"]])
     net.train().requires_grad_(True)
     shape = tasks.sample_shape(task_cfg.processes[kind].model)
     ref = CountingPolicy(frozen_copy(net), process, cfg_scale, counters)
-    gt = tasks.ground_truth(task_cfg, base_reward)
+    evaluator = tiny_evaluator(task_cfg, kind)
+    gt = evaluator.gt
     cond = torch.tensor(list(rc["prompts"]["train"])).repeat_interleave(int(rc["train"]["batch_per_prompt"]))
     return Setup(process=process, policy=CountingPolicy(net, process, cfg_scale, counters), ref=ref,
                  new_behaviour=lambda: CountingPolicy(frozen_copy(net), process, cfg_scale, counters),
                  reward=base_reward, params=[p for p in net.parameters() if p.requires_grad],
                  state=net.state_dict, load=net.load_state_dict,
-                 evaluator=Evaluator(task_cfg, process, Policy(ref.net, process, cfg_scale), base_reward, shape, gt),
+                 evaluator=evaluator,
                  eval_process=process, shape=shape, cond=lambda it: cond, gt=gt)
 
 
-_FULL_REWARDS: dict = {}
+_SHARED: dict = {}
 
 
-def full_scale_reward(task_cfg):
-    """The task's pixel reward at full scale, built once per process (CLIP-L etc. are not reloaded per run)."""
-    import json
+def _shared(what: str, key, build):
+    """Per-process memo of what all runs of a bench share, built once: the reward (no state; CLIP-L
+    etc. are not reloaded per run), the exact ground truth, the evaluator with its base samples. Each
+    is a deterministic function of the config parts in `key`."""
+    k = (what, json.dumps(key, sort_keys=True, default=str))
+    if k not in _SHARED:
+        _SHARED[k] = build()
+    return _SHARED[k]
 
-    key = json.dumps(OmegaConf.to_container(task_cfg.reward, resolve=True), sort_keys=True)
-    if key not in _FULL_REWARDS:
-        _FULL_REWARDS[key] = tasks.build_reward(task_cfg)
-    return _FULL_REWARDS[key]
+
+def shared_reward(task_cfg):
+    """The task's reward, built once per process."""
+    return _shared("reward", OmegaConf.to_container(task_cfg.reward, resolve=True), lambda: tasks.build_reward(task_cfg))
+
+
+def tiny_evaluator(task_cfg, kind: str) -> Evaluator:
+    """The evaluator of a tiny-profile task on process `kind` (base samples of the committed base
+    model, the exact ground truth where the task has one), built once per process."""
+    c = OmegaConf.to_container(task_cfg, resolve=True)
+    ckpt = tasks.resolve_path(c["processes"][kind]["model"]["checkpoint"])
+    stamp = (ckpt.stat().st_mtime_ns, ckpt.stat().st_size) if ckpt.is_file() else None  # a rewritten checkpoint
+    key = [c["reward"], c.get("data"), c.get("alpha"), c["eval"], kind, c["processes"][kind], stamp,
+           c["train"]["dtype"], c["train"]["cfg_scale"]]
+
+    def build():
+        process, reward = tasks.build_process(task_cfg, kind), shared_reward(task_cfg)
+        ref = Policy(frozen_copy(tasks.load_base(task_cfg, kind, tasks.DTYPES[c["train"]["dtype"]])), process,
+                     float(c["train"]["cfg_scale"]))
+        return Evaluator(task_cfg, process, ref, reward, tasks.sample_shape(task_cfg.processes[kind].model),
+                         tasks.ground_truth(task_cfg, reward))
+    return _shared("evaluator", key, build)
 
 
 def _full_setup(rc, task_cfg, m, counters) -> Setup:
@@ -305,7 +333,7 @@ def _full_setup(rc, task_cfg, m, counters) -> Setup:
 
     fsc, tr = rc["fullscale"], rc["train"]
     prompts = fullscale.load_prompts(rc["prompts"]["list"])
-    F = fullscale.build(m, fsc["profile"], full_scale_reward(task_cfg), prompts=prompts, model=rc["model"]["name"],
+    F = fullscale.build(m, fsc["profile"], shared_reward(task_cfg), prompts=prompts, model=rc["model"]["name"],
                         hp=rc["hp"], precision=fsc["precision"], device=fsc.get("device"),
                         dtype=tasks.DTYPES[tr["dtype"]], num_steps=fsc.get("num_steps"),
                         cfg_scale=fsc.get("cfg_scale"), resolution=fsc.get("resolution"), seed=int(rc["seed"]),
@@ -413,7 +441,7 @@ def train_run(rc: dict, task_cfg, log_metrics=None, log_artifact=None, ckpt_dir:
 
     def evaluate(it: int) -> dict:
         net.eval()
-        ev, x = evaluator(Policy(net, S.eval_process, cfg_scale))
+        ev, x = evaluator(Policy(net, S.eval_process, cfg_scale), at_base=it == 0)  # θ = base at iteration 0
         ev["iteration"] = it
         if gt is not None and it == 0:
             ev.update({f"eval/{k}": v for k, v in evaluator.base_extra.items()})

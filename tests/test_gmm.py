@@ -106,3 +106,12 @@ def test_committed_checkpoints_load_and_the_hash_is_checked(kind, tmp_path):
         load_checkpoint(bad, task="gmm")
     with pytest.raises(CheckpointError, match="missing base checkpoint"):
         load_checkpoint(tmp_path / "none.safetensors", task="gmm")
+
+
+def test_sliced_wasserstein_with_precomputed_target_projections(mix):
+    g = torch.Generator().manual_seed(1)
+    a, b = mix.sample(1000, g), mix.sample(3000, g)
+    direct = gmm.sliced_wasserstein(a, b)
+    assert gmm.sliced_wasserstein(a, gmm.SortedProjections(b)) == direct
+    assert gmm.sliced_wasserstein(b, a) == direct  # m = min(n_a, n_b) mid-quantiles on both sides
+    assert gmm.sliced_wasserstein(a, gmm.SortedProjections(b, seed=1)) != direct  # other directions

@@ -42,3 +42,18 @@ def test_frechet_distance_matches_gaussian_formula():
     # N(0, I) vs N((1, 0), 4I): ‖Δμ‖² + tr(I + 4I − 2·2I) = 1 + 2 = 3
     assert abs(frechet(a, b) - 3.0) < 0.1
     assert frechet(a, a) < 1e-9
+
+
+def test_evaluator_is_shared_and_iteration_zero_reuses_the_base_samples(tmp_path):
+    """The runs of one process share the evaluator (base samples computed once); at iteration 0 θ is
+    the base model, so its eval equals evaluating the base policy afresh, bit for bit."""
+    from rsmbench.models import Policy
+    from rsmbench.train import tiny_evaluator
+
+    cfg = tasks.load("gmm", tiny_overrides(tmp_path))
+    ev = tiny_evaluator(cfg, "flow")
+    assert tiny_evaluator(cfg, "flow") is ev
+    assert tiny_evaluator(tasks.load("gmm", tiny_overrides(tmp_path) + ["eval.seed_start=7"]), "flow") is not ev
+    fresh, x_fresh = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale))
+    reused, x_reused = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale), at_base=True)
+    assert torch.equal(x_fresh, x_reused) and fresh == reused and reused["eval/kl_ref"] == 0.0
