@@ -154,23 +154,29 @@ class Evaluator:
     def __init__(self, task_cfg, process, ref: Policy, reward, shape, gt=None):
         ev = task_cfg.eval
         self.process, self.ref, self.reward, self.shape, self.gt = process, ref, reward, shape, gt
-        prompts = list(ev.prompts)
+        self.prompts = torch.tensor(list(ev.prompts))
         n = int(ev.num_samples)
-        self.cond = torch.tensor(prompts).repeat_interleave(math.ceil(n / len(prompts)))[:n]
+        self.cond = self.prompts.repeat_interleave(math.ceil(n / len(self.prompts)))[:n]
         self.seeds = [int(ev.seed_start) + b for b in range(n)]
         self.stochastic = None if ev.sampler == "sde" else torch.zeros(process.num_steps, dtype=torch.bool)
         self.path_kl = bool(ev.get("path_kl", True)) and ev.sampler == "sde"
         self.dim = int(np.prod(shape))
         self.base = self._sample(ref)
         self.base_feat = _features(reward, self.base.final)
-        self.base_extra = gt.base_metrics(self.base.final) if gt is not None else {}
+        self.base_extra = {}
+        if gt is not None:  # J* = α·log E_base[exp(r/α)]: log-mean-exp over ``jstar_samples`` base samples
+            n_star = int(ev.get("jstar_samples") or 0)
+            more = [self._sample(ref, range(n + k, min(n + k + 8192, n_star))).final for k in range(0, n_star - n, 8192)]
+            self.base_extra = gt.base_metrics(torch.cat([self.base.final, *more]))
 
-    def _sample(self, policy):
-        return sample(policy, self.shape, generators(self.seeds), cond=self._cond(policy),
+    def _sample(self, policy, index=None):
+        """Samples of the eval seeds (``index``: further seeds seed_start + k, prompts cycled alike)."""
+        seeds, cond = self.seeds, self.cond
+        if index is not None:
+            seeds = [self.seeds[0] + k for k in index]
+            cond = self.prompts[torch.tensor(list(index)) // math.ceil(len(self.cond) / len(self.prompts)) % len(self.prompts)]
+        return sample(policy, self.shape, generators(seeds), cond=cond if getattr(policy.net, "num_classes", 0) else None,
                       stochastic=self.stochastic, dtype=next(policy.net.parameters()).dtype)
-
-    def _cond(self, policy):
-        return self.cond if getattr(policy.net, "num_classes", 0) else None
 
     @torch.no_grad()
     def kl_to_ref(self, ro) -> torch.Tensor:
