@@ -55,7 +55,9 @@ def test_two_methods_log_everything_then_skip(tmp_path, capsys):
         assert len(pngs) == 3 and all(x.endswith(".png") for x in pngs)
     out = capsys.readouterr().out
     assert "reinforce_kl" in out and "J-gap" in out
-    assert (tmp_path / "report" / "summary.md").read_text().count("| rsm |") == 2
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert summary.count("| rsm |") == 2
+    assert "- flow base model on the eval seeds: reward " in summary and "base gap J* − J_ref = " in summary
     before = {r.info.run_id: _steps(c, r.info.run_id) for r in runs}
     assert _bench(tmp_path) == 0  # second invocation: nothing re-run
     c, runs2 = _runs()
