@@ -14,7 +14,9 @@ supports). Every input is validated before anything is written: a bad task, prof
 formulation or override is one line and exit code 2. Runs are matched by the hash of their
 resolved config: a FINISHED one is skipped, an interrupted one resumes from its checkpoint into
 the same MLflow run, and a per-run file lock keeps concurrent bench processes from doubling one.
-A NaN/inf reward or loss fails that run (status FAILED, tag ``error``) and the others go on.
+A NaN/inf reward or loss fails that run (status FAILED, tags ``error`` and ``nonfinite``) and the others
+go on; being seeded, it would fail the same way again, so a re-run reports it without re-running it
+(``--retry-failed`` re-runs it). Runs that failed otherwise (an exception, a kill) are resumed.
 At the end: a summary table (mean ± 95% t-interval over seeds) on stdout and in
 ``reports/<task>/summary.md``.
 """
@@ -46,6 +48,8 @@ def add_parser(sub):
                    help="reward-query budget: compute-matched (default) or each method's published one")
     p.add_argument("--report-dir", default=None, help="where summary.md goes (default: reports/<task>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="re-run runs that stopped on a NaN/inf (skipped by default: a seeded run fails the same way)")
     p.add_argument("overrides", nargs="*", help="key=value task-config overrides, e.g. train.lr=1e-3")
     p.set_defaults(run=_run)
 
@@ -149,7 +153,7 @@ def run_name(rc: dict) -> str:
     return f"{rc['method']}-{rc['formulation']}-{rc['process']}-s{rc['seed']}"
 
 
-def execute(cfg, runs, progress: bool = True, log=print) -> list[dict]:
+def execute(cfg, runs, progress: bool = True, log=print, retry_failed: bool = False) -> list[dict]:
     """Run (or skip, or resume) every planned run; returns one record per run."""
     from rsmbench import method as registry
     from rsmbench import tracking
@@ -169,7 +173,8 @@ def execute(cfg, runs, progress: bool = True, log=print) -> list[dict]:
                 if not got:
                     deferred.append(rc)
                     continue
-                rec = _one(cfg, tracker, exp, rc, chash, env_tags, root, registry, train_run, NonFiniteError, bar, log)
+                rec = _one(cfg, tracker, exp, rc, chash, env_tags, root, registry, train_run, NonFiniteError, bar, log,
+                           retry_failed)
                 records.append(rec)
                 bar.update(1)
     bar.close()
@@ -177,7 +182,8 @@ def execute(cfg, runs, progress: bool = True, log=print) -> list[dict]:
     return sorted(records, key=lambda r: order[r["config_hash"]])
 
 
-def _one(cfg, tracker, exp, rc, chash, env_tags, root, registry, train_run, NonFiniteError, bar, log) -> dict:
+def _one(cfg, tracker, exp, rc, chash, env_tags, root, registry, train_run, NonFiniteError, bar, log,
+         retry_failed=False) -> dict:
     name = run_name(rc)
     rec = {"config_hash": chash, "rc": rc, "name": name}
     prev = tracker.find_run(exp, chash)
@@ -185,11 +191,16 @@ def _one(cfg, tracker, exp, rc, chash, env_tags, root, registry, train_run, NonF
         rec.update(run_id=prev.info.run_id, status="skipped")
         bar.set_postfix_str(f"{name}: done, skipped")
         return rec
+    if prev is not None and prev.data.tags.get("nonfinite") == "true" and not retry_failed:
+        err = prev.data.tags.get("error", "non-finite value")
+        log(f"FAILED {name} (earlier run, not re-run; --retry-failed re-runs it): {err}", file=sys.stderr)
+        rec.update(run_id=prev.info.run_id, status="failed", error=err)
+        return rec
     m = registry.get(rc["method"])
     ckpt = root / "runs" / chash
     if prev is not None:
         run_id = prev.info.run_id
-        tracker.reopen(run_id)
+        tracker.reopen(run_id, clear_tags=[t for t in ("error", "traceback", "nonfinite") if t in prev.data.tags])
         rec["status"] = "resumed"
     else:
         tags = {"config_hash": chash, "method": rc["method"], "formulation": rc["formulation"],
@@ -222,7 +233,7 @@ def _one(cfg, tracker, exp, rc, chash, env_tags, root, registry, train_run, NonF
     except NonFiniteError as e:
         msg = f"{name}: {e}"
         log(f"FAILED {msg}", file=sys.stderr)
-        tracker.set_tags(run_id, {"error": str(e)})
+        tracker.set_tags(run_id, {"error": str(e), "nonfinite": "true"})
         tracker.finish(run_id, "FAILED")
         rec.update(status="failed", error=str(e))
         return rec
@@ -392,7 +403,7 @@ def _run(args) -> int:
     _log(f"bench {cfg.name}: {len(runs)} runs ({len({r['method'] for r in runs})} methods), "
          f"budget {runs[0]['budget']['reward_queries']} reward queries each; MLflow at "
          f"{__import__('rsmbench.tracking', fromlist=['x']).tracking_uri()}")
-    records = execute(cfg, runs, progress=not args.no_progress, log=_log)
+    records = execute(cfg, runs, progress=not args.no_progress, log=_log, retry_failed=args.retry_failed)
     table, _ = summarize(cfg, records)
     seconds = time.time() - t0
     report = write_report(cfg, table, records, seconds, Path(args.report_dir or Path(

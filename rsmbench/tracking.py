@@ -170,5 +170,8 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         retry(self.client.set_terminated, run_id, status=status)
 
-    def reopen(self, run_id: str) -> None:
+    def reopen(self, run_id: str, clear_tags=()) -> None:
+        """Mark an interrupted or failed run RUNNING again, dropping the tags of its last failure."""
+        for t in clear_tags:
+            retry(self.client.delete_tag, run_id, t)
         retry(self.client.update_run, run_id, status="RUNNING")

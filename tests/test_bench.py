@@ -131,4 +131,17 @@ def test_nan_reward_fails_that_run_and_the_others_go_on(tmp_path, monkeypatch, c
     assert status == {"grpo": "FINISHED", "reinforce_kl": "FAILED"} or \
         status == {"grpo": "FAILED", "reinforce_kl": "FINISHED"}
     failed = [r for r in runs if r.info.status == "FAILED"][0]
-    assert "NaN" in failed.data.tags["error"]
+    assert "NaN" in failed.data.tags["error"] and failed.data.tags["nonfinite"] == "true"
+    # a re-run reports the seeded failure without re-running it (the run is untouched)
+    assert _bench(tmp_path, "reward.name=test_nan") == 1
+    assert "not re-run; --retry-failed re-runs it" in capsys.readouterr().err
+    c, runs1 = _runs()
+    assert len(runs1) == 2 and c.get_run(failed.info.run_id).info.end_time == failed.info.end_time
+    # --retry-failed resumes it into the same run (here it succeeds: the reward's NaN was its 3rd call)
+    assert main(["bench", "--task", "gmm", "--methods", failed.data.tags["method"], "--seeds", "1",
+                 "--formulation", "rsm", "--no-progress", "--retry-failed", "--report-dir", str(tmp_path / "report"),
+                 *tiny_overrides(tmp_path), "reward.name=test_nan"]) == 0
+    c, runs2 = _runs()
+    again = c.get_run(failed.info.run_id)
+    assert len(runs2) == 2 and again.info.status == "FINISHED"
+    assert "nonfinite" not in again.data.tags and "error" not in again.data.tags
