@@ -53,16 +53,22 @@ def clip_preprocess(x: torch.Tensor, size: int = 224) -> torch.Tensor:
     return (x - mean) / std
 
 
-def resolve_clip(clip: str) -> str:
-    if os.path.isdir(clip):
-        return clip
+def hub_dir(repo: str, what: str, key: str) -> str:
+    """A local directory, or a hub id's snapshot in the HF cache (never downloaded); else MissingWeights
+    naming the override ``reward.<key>``."""
+    if os.path.isdir(repo):
+        return repo
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(clip, local_files_only=True)
+        return snapshot_download(repo, local_files_only=True)
     except Exception:
-        raise MissingWeights(f"aesthetic reward: CLIP model {clip!r} not found locally; run "
-                             f"`huggingface-cli download {clip}` or pass reward.clip=/path/to/clip") from None
+        raise MissingWeights(f"{what}: {repo!r} not found locally; run `huggingface-cli download {repo}` "
+                             f"or pass reward.{key}=/path/to/dir") from None
+
+
+def resolve_clip(clip: str) -> str:
+    return hub_dir(clip, "aesthetic reward: CLIP model", "clip")
 
 
 def check_weights(clip: str = CLIP_ID, head: str | None = None, **_) -> tuple[str, str]:

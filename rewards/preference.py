@@ -25,20 +25,8 @@ import torch
 from torch import nn
 
 from rewards import register_reward
-from rewards.laion_aesthetic import clip_preprocess
+from rewards.laion_aesthetic import clip_preprocess, hub_dir
 from rsmbench.fullscale import MissingWeights
-
-
-def _hub_dir(repo: str, what: str, key: str) -> str:
-    if os.path.isdir(repo):
-        return repo
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo, local_files_only=True)
-    except Exception:
-        raise MissingWeights(f"{what}: {repo!r} not found locally; run `huggingface-cli download {repo}` "
-                             f"or pass reward.{key}=/path/to/dir") from None
 
 
 def _hub_file(path_or_repo: str, filename: str, what: str, key: str, env: str) -> str:
@@ -89,8 +77,8 @@ class PickScore(_PromptReward):
     def from_pretrained(cls, model: str = PICKSCORE_MODEL, processor: str = PICKSCORE_PROCESSOR, prompts=None, **_):
         from transformers import CLIPModel, CLIPTokenizer
 
-        mdir = _hub_dir(model, "pickscore reward", "model")
-        pdir = _hub_dir(processor, "pickscore reward (tokenizer)", "processor")
+        mdir = hub_dir(model, "pickscore reward", "model")
+        pdir = hub_dir(processor, "pickscore reward (tokenizer)", "processor")
         return cls(CLIPModel.from_pretrained(mdir, local_files_only=True),
                    CLIPTokenizer.from_pretrained(pdir, local_files_only=True), prompts)
 
@@ -113,7 +101,7 @@ def pickscore(**cfg) -> PickScore:
 
 
 pickscore.check_weights = lambda model=PICKSCORE_MODEL, processor=PICKSCORE_PROCESSOR, **_: (
-    _hub_dir(model, "pickscore reward", "model"), _hub_dir(processor, "pickscore reward (tokenizer)", "processor"))
+    hub_dir(model, "pickscore reward", "model"), hub_dir(processor, "pickscore reward (tokenizer)", "processor"))
 
 
 # ---- HPS v2.1 (open_clip) ---------------------------------------------------------------------------------
