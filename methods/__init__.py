@@ -1,1 +1,1 @@
-"""One module per method; each registers itself with ``rsmbench.method.register``."""
+"""One module per method; each registers itself with ``rsmbench.core.method.register``."""

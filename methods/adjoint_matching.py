@@ -6,11 +6,11 @@ the lean adjoint ODE dã/dt = −(∇_x b(X_t, t))ᵀ·ã, ã(1) = ∇g(X_1) = �
 drift b, and the Adjoint Matching loss Σ_t ½‖u_θ(X_t, t) + σ(t)ᵀ·ã(t)‖² with the controlled
 drift b + σ·u and the memoryless noise schedule (σ(t)² = 2η_t; diffusers-time rectified flow:
 σ(t)² = 2t/(1−t), i.e. Flow-GRPO noise level √2; VP diffusion: DDPM, η = 1).
-Discretised on the sampler grid (``rsmbench.process``: x' = μ + σ_i·ξ, σ_i = σ(t)·√Δt): the
+Discretised on the sampler grid (``rsmbench.core.process``: x' = μ + σ_i·ξ, σ_i = σ(t)·√Δt): the
 control's mean shift is μ_θ − μ_base = σ(t)·u·Δt, so u·√Δt = (μ_θ − μ_ref)/σ_i, and the step's
 control acts on x_{i+1}, whose lean adjoint is ã_{i+1}:
     L = mean_rows ½·⟨((μ_θ − μ_ref)/σ_i + σ_i·ã_{i+1})²⟩        (= Σ_t Δt·½‖u + σã‖², ⟨·⟩ per element)
-ã is solved backwards by VJPs through μ_ref along the stored path (``rsmbench.adjoint``).
+ã is solved backwards by VJPs through μ_ref along the stored path (``rsmbench.core.adjoint``).
 Table 1 row: not a Table 1 row (digest §8.11: "loss ½‖u_θ + σᵀã‖², C1 ∝ σσᵀ weighting with
 Ψ̂ = −ã (up to units)").
 Equivalence kind: ``loss`` (identical losses for every θ, given the batch's ã):
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import weights
-from rsmbench.adjoint import lean_adjoint
-from rsmbench.diffrollout import reward_and_grad
-from rsmbench.estimators.first import stein_shift
-from rsmbench.method import Batch, Method, _dtype, register
-from rsmbench.rollout import generators, sample
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import weights
+from rsmbench.core.adjoint import lean_adjoint
+from rsmbench.core.diffrollout import reward_and_grad
+from rsmbench.core.estimators.first import stein_shift
+from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.rollout import generators, sample
+from rsmbench.core.rsm import RSMSpec
 
 
 @register

@@ -18,8 +18,8 @@ Checkpointing changes memory, not the gradient (tests/test_fo_backprop.py).
 from __future__ import annotations
 
 from methods.draft import RewardBackprop
-from rsmbench.diffrollout import draw_truncation
-from rsmbench.method import register
+from rsmbench.core.diffrollout import draw_truncation
+from rsmbench.core.method import register
 
 
 @register

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, trust, weights
-from rsmbench.method import Method, _dtype, register
-from rsmbench.rsm import RSMSpec
-from rsmbench.tree import branching_tree, fuse_rewards, node_advantages, sde_window, to_batch
+from rsmbench.core import estimators, trust, weights
+from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.rsm import RSMSpec
+from rsmbench.core.tree import branching_tree, fuse_rewards, node_advantages, sde_window, to_batch
 
 
 @register

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, trust, weights
-from rsmbench.advantages import PerPromptStatTracker, clip_advantages, group_advantages
-from rsmbench.method import Method, register
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import estimators, trust, weights
+from rsmbench.core.advantages import PerPromptStatTracker, clip_advantages, group_advantages
+from rsmbench.core.method import Method, register
+from rsmbench.core.rsm import RSMSpec
 
 
 @register

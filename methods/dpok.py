@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, trust, weights
-from rsmbench.advantages import fit_value_baseline
-from rsmbench.method import Method, register
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import estimators, trust, weights
+from rsmbench.core.advantages import fit_value_baseline
+from rsmbench.core.method import Method, register
+from rsmbench.core.rsm import RSMSpec
 
 
 def prompt_means(rewards: torch.Tensor, cond) -> torch.Tensor:

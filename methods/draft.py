@@ -11,7 +11,7 @@ Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with the x_i held at the
 
     ∇_θ r(x_N(θ)) = Σ_{i ≥ N−K} a_{i+1}ᵀ·B_i·∂o_θ(x_i, t_i)/∂θ,   a_{i+1} = d r(x_N)/d x_{i+1}
 
-(the adjoint of the frozen remaining chain, ``rsmbench.adjoint``). Off θ†, the original also
+(the adjoint of the frozen remaining chain, ``rsmbench.core.adjoint``). Off θ†, the original also
 moves the x_i and the adjoint; RSM keeps them fixed, so only the first-step gradients agree.
 
 Original (one sample per row of the batch, mean over samples):
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import weights
-from rsmbench.adjoint import chain_adjoint
-from rsmbench.diffrollout import forward_noise, replay, reward_and_grad
-from rsmbench.estimators.first import adjoint_pullback, phi_loss, phi_slope
-from rsmbench.method import Batch, Method, _dtype, register
-from rsmbench.rollout import generators, per_sample_randn, sample
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import weights
+from rsmbench.core.adjoint import chain_adjoint
+from rsmbench.core.diffrollout import forward_noise, replay, reward_and_grad
+from rsmbench.core.estimators.first import adjoint_pullback, phi_loss, phi_slope
+from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.rollout import generators, per_sample_randn, sample
+from rsmbench.core.rsm import RSMSpec
 
 
 class RewardBackprop(Method):

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, trust, weights
-from rsmbench.advantages import per_prompt_advantages
-from rsmbench.method import Method, register
-from rsmbench.rsm import RSMSpec, elementwise_mean
+from rsmbench.core import estimators, trust, weights
+from rsmbench.core.advantages import per_prompt_advantages
+from rsmbench.core.method import Method, register
+from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 
 @register

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import weights
-from rsmbench.estimators import first as fo
-from rsmbench.method import Method, _dtype, register
-from rsmbench.rsm import RSMSpec, elementwise_mean
+from rsmbench.core import weights
+from rsmbench.core.estimators import first as fo
+from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.rsm import RSMSpec, elementwise_mean
 from methods.vgg_flow import auxiliary_net
 
 

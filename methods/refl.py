@@ -9,7 +9,7 @@ on a data set; that regulariser needs training images and is not part of this me
 Table 1 row: not a Table 1 row (digest §8.11: "ReFL = single late-step Tweedie (current-state)
 gradient").
 Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with x_j at its rollout value and
-x̂₀ = T(x_j, o) the affine Tweedie map of ``rsmbench.process``,
+x̂₀ = T(x_j, o) the affine Tweedie map of ``rsmbench.core.process``,
 
     ∇_θ φ(r(x̂₀(θ))) = φ'(r)·∇r(x̂₀)ᵀ·(∂x̂₀/∂o)·∂o_θ(x_j)/∂θ,   ∂x̂₀/∂o = −√(1−ᾱ_j)/√ᾱ_j (ε)
 
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import weights
-from rsmbench.diffrollout import draw_truncation, reward_and_grad
-from rsmbench.estimators.first import phi_loss, phi_slope, tweedie_pullback
-from rsmbench.method import Batch, Method, _dtype, register
-from rsmbench.rollout import generators, sample
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import weights
+from rsmbench.core.diffrollout import draw_truncation, reward_and_grad
+from rsmbench.core.estimators.first import phi_loss, phi_slope, tweedie_pullback
+from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.rollout import generators, sample
+from rsmbench.core.rsm import RSMSpec
 
 
 @register

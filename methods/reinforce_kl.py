@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, weights
-from rsmbench.advantages import group_advantages
-from rsmbench.method import Method, register
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import estimators, weights
+from rsmbench.core.advantages import group_advantages
+from rsmbench.core.method import Method, register
+from rsmbench.core.rsm import RSMSpec
 
 
 @register

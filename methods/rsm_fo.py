@@ -16,7 +16,7 @@ trainer with ``use_z0: true``, ``reward_adaptive_mode: sigma``, ``pretrained_str
 Flow (§9.2, ``config/hpsv2_geneval_ours.py``: pruned VGG-Flow with ``use_saved_rgrad_x1=True``,
 ``eta_mode='linear'``, ``reward_scale`` 1.5e7; 20-step Euler ODE):
     g = clip_τ(∇_{x_0} r(x_0)) (saved unclipped at sampling, clipped in the loss; VGG-Flow's clip,
-    ``rsmbench.gradclip``),  v_tgt = v_ref − λ·η(σ)·g,  η = 1 − σ,
+    ``rsmbench.core.gradclip``),  v_tgt = v_ref − λ·η(σ)·g,  η = 1 − σ,
     L = ⟨(v_θ − sg(v_tgt))²⟩ + unet_reg·⟨(v_θ − v_θ†)²⟩.
   RSM (digest §8.1 with the terminal estimator): Ψ̂/a = −λ·g (score units ((1−σ)/σ)·λ·g),
     γ = η(σ) = 1 − σ,  C1·a² = 1,  C2·a² = unet_reg,  anchor s_ref.
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import weights
-from rsmbench.diffrollout import reward_and_grad
-from rsmbench.estimators.first import stein_shift, terminal_velocity_shift
-from rsmbench.gradclip import make_clipper
-from rsmbench.method import Batch, Method, _dtype, register
-from rsmbench.rollout import generators, sample
-from rsmbench.rsm import RSMSpec, elementwise_mean
+from rsmbench.core import weights
+from rsmbench.core.diffrollout import reward_and_grad
+from rsmbench.core.estimators.first import stein_shift, terminal_velocity_shift
+from rsmbench.core.gradclip import make_clipper
+from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.rollout import generators, sample
+from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 
 def _el(v, like):

@@ -7,7 +7,7 @@ Paper: Lee, Chang, Kim, Ye 2026, "Reward Score Matching", arXiv 2604.17415; code
 Equivalence kind: ``grad_at_behaviour``: exact at θ = θ† (matching clip inactive: ε|A| > 0 on every
 kept row), same x_t and ξ; the KL terms (branch-row SDE KL, ODE KL anchors) are loss identities.
 
-Rollout (``rsmbench.tree.localised_tree``): deterministic root (DDIM η = 0 / Euler ODE); at each
+Rollout (``rsmbench.core.tree.localised_tree``): deterministic root (DDIM η = 0 / Euler ODE); at each
 transition i with k_i > 0 (the low-SNR end), k_i one-step SDE branches (DDPM σ / Flow-GRPO SDE)
 continued by the ODE; NFE per root N + Σk_i + Σk_i(N − i − 1) (digest §9.5). Advantages
 standardised per group (diffusion: (prompt, branch step); flow: (root seed, branch step)), std +
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, trust, weights
-from rsmbench.method import Method, _dtype, register
-from rsmbench.rsm import RSMSpec, elementwise_mean
-from rsmbench.tree import cat_rows, kl_anchor_rows, localised_tree, node_advantages, to_batch
+from rsmbench.core import estimators, trust, weights
+from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.rsm import RSMSpec, elementwise_mean
+from rsmbench.core.tree import cat_rows, kl_anchor_rows, localised_tree, node_advantages, to_batch
 
 # Per-process settings where the two redesigns differ (hp value None → this table).
 PROCESS_DEFAULTS = {

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import weights
-from rsmbench.estimators import first as fo
-from rsmbench.method import Method, register
-from rsmbench.rsm import RSMSpec
+from rsmbench.core import weights
+from rsmbench.core.estimators import first as fo
+from rsmbench.core.method import Method, register
+from rsmbench.core.rsm import RSMSpec
 
 
 def _el(v, like):

@@ -10,7 +10,7 @@ Table 1 row: "TempFlow-GRPO" (branching: Yes). Digest §7.2, §8.9.
 Equivalence kind: ``grad_at_behaviour``: exact at θ = θ† (ρ = 1, clip inactive) on the branch
 rows, same x_t and ξ in both losses, terminal reward of each branch's leaf.
 
-Rollout (``rsmbench.tree.localised_tree``): ODE root x_0..x_N per seed; at each transition i with
+Rollout (``rsmbench.core.tree.localised_tree``): ODE root x_0..x_N per seed; at each transition i with
 k_i > 0, k_i children restart from x_i, take the Flow-GRPO SDE step (Eq. 9 of arXiv 2505.05470,
 the process's SDE table) and continue with Euler-ODE steps. One training row per branch: its SDE
 transition. NFE per root = N + Σk_i + Σk_i(N − i − 1) (digest §9.5).
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from rsmbench import estimators, trust, weights
-from rsmbench.method import Method, _dtype, register
-from rsmbench.rsm import RSMSpec
-from rsmbench.tree import localised_tree, node_advantages, to_batch
+from rsmbench.core import estimators, trust, weights
+from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.rsm import RSMSpec
+from rsmbench.core.tree import localised_tree, node_advantages, to_batch
 
 
 @register

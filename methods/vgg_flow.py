@@ -13,7 +13,7 @@ code's per-timestep batch mean summed over timesteps / (grad_accum · n_train_ti
     v_tgt  = v_ref(x_t) − λ·η(σ)·g  [+ ν_φ(x_t, t)  if use_value_net]
     L      = ⟨(v_θ − sg(v_tgt))²⟩ + unet_reg·⟨(v_θ − v_θ†)²⟩
              [+ L_consistency + 1000·L_terminal  if use_value_net]
-with η(σ) = (1−σ)² ('quad') and clip_τ VGG-Flow's per-sample quantile clip (``rsmbench.gradclip``).
+with η(σ) = (1−σ)² ('quad') and clip_τ VGG-Flow's per-sample quantile clip (``rsmbench.core.gradclip``).
 L_consistency is the code's finite-difference HJB residual on ∇V = ν_φ/λ − η·g (time step 1e-4
 in model-time units, space step 1e-4 along sg(v_ref/λ + ∇V)); L_terminal = ⟨ν_φ²⟩ on last-step rows.
 
@@ -31,20 +31,20 @@ auxiliary losses do not reach θ: their reward gradients are graph-free) and van
 (``value_scale`` → 0). Deviations, stated: CFG is applied identically in both formulations with
 the gradient through both branches (the code detaches the unconditional branch of v_θ); reward
 masking (off in the code) is not implemented; the value net is a tiny random-init copy of the
-policy architecture (``rsmbench.models.build_net``), not the SD3.5 value UNet.
+policy architecture (``rsmbench.core.models.build_net``), not the SD3.5 value UNet.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rsmbench import weights
-from rsmbench.estimators import first as fo
-from rsmbench.gradclip import make_clipper
-from rsmbench.method import Batch, Method, _dtype, register
-from rsmbench.models import TimeMLP, TinyUNet, build_net
-from rsmbench.rollout import generators, sample
-from rsmbench.rsm import RSMSpec, elementwise_mean
+from rsmbench.core import weights
+from rsmbench.core.estimators import first as fo
+from rsmbench.core.gradclip import make_clipper
+from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.models import TimeMLP, TinyUNet, build_net
+from rsmbench.core.rollout import generators, sample
+from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 EPS_STEP = EPS_TIME = 1e-4  # the code's finite-difference steps (algorithm.py)
 

@@ -15,7 +15,7 @@ as "aesthetic (tiny): learned image-quality head":
   Linear 1024 → Dropout .2 → 128 → Dropout .2 → 64 → Dropout .1 → 16 → 1, no activations) on the
   L2-normalised features, trained in-repo by ``train_head`` (``python -m rewards.aesthetic_tiny``)
   on a reproducible quality signal: MSE regression (LAION's "linearMSE") to a 0–10 quality label
-  that is 10 for clean photo patches (``rsmbench.images``, train split) and decreases with the
+  that is 10 for clean photo patches (``rsmbench.data.images``, train split) and decreases with the
   severity of synthetic degradations (Gaussian blur, Gaussian noise, JPEG artefacts, contrast loss,
   down-up sampling). So the score ranks clean natural-image patches above degraded ones; it is
   not a human-preference model.
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from rsmbench.pretrain import sha256  # the same hash check as the base checkpoints
+from rsmbench.core.checkpoints import sha256  # the same hash check as the base checkpoints
+from rsmbench.data.images import patches, to_uint8
 
 from rewards import register_reward
 
@@ -191,8 +192,6 @@ def degrade(img: np.ndarray, kinds: list[str], sev: list[float], rng: np.random.
 
 def quality_dataset(split: str, n_per_photo: int, per_clean: int, seed: int):
     """Clean patches (label 10) and degraded copies (label < 10) as [−1, 1] tensors."""
-    from rsmbench.images import patches, to_uint8
-
     x, _ = patches(split, n_per_photo=n_per_photo, seed=seed)
     rng = np.random.default_rng(seed + 1)
     clean = to_uint8(x)

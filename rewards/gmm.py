@@ -1,4 +1,4 @@
-"""Rewards of the `gmm` task, each with its exact tilt of a Gaussian mixture (``rsmbench.gmm``).
+"""Rewards of the `gmm` task, each with its exact tilt of a Gaussian mixture (``rsmbench.data.gmm``).
 
 - ``gmm_linear``: the RSM toy reward r(x) = −x₁/2 + 3 with α = 1 (arXiv 2604.17415, digest §4.3);
   the tilt shifts every component by s²·b/α = (−½, 0) and reweights them ∝ (e^{−1.5}, e^{1.5}, 1).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rewards import register_reward
-from rsmbench import gmm
+from rsmbench.data import gmm
 
 
 class _Reward:

@@ -5,7 +5,7 @@ the sample is encoded as JPEG at ``quality=95`` with Pillow and the reward is �
 kB (``buffer.tell() / 1000``): −size for compressibility, +size for incompressibility.
 
 Black-box only (``differentiable = False``): zeroth-order methods call it, first-order methods
-must not. Images are in the data convention of ``rsmbench.images`` ([−1, 1], (B, 3, H, W)); they
+must not. Images are in the data convention of ``rsmbench.data.images`` ([−1, 1], (B, 3, H, W)); they
 are mapped to uint8 as DDPO does (``(x + 1)/2 · 255``, clamped, rounded). Tiny images are
 nearest-upsampled to at least ``min_size`` px before encoding: below ~64 px the JPEG header and
 tables (~0.63 kB, a constant) dominate the size and the signal is mostly header
@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from rewards import register_reward
-from rsmbench.images import to_uint8
+from rewards.aesthetic_tiny import Encoder
+from rsmbench.data.images import to_uint8
 
 QUALITY = 95  # DDPO
 
@@ -57,7 +58,6 @@ class JpegReward:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self._encoder is None:
-            from rewards.aesthetic_tiny import Encoder
             self._encoder = Encoder()
         return self._encoder(x)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from rewards import register_reward
 from rewards.aesthetic_tiny import LaionHead
-from rsmbench.fullscale import MissingWeights
+from rsmbench.errors import MissingWeights
 
 CLIP_ID = "openai/clip-vit-large-patch14"
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"

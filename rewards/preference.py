@@ -3,7 +3,7 @@
 Each loads its weights when they are present locally and otherwise raises ``MissingWeights``
 (one line, exit code 2) naming exactly what is missing and how to provide it. Images are in the
 project convention ([−1, 1], (B, 3, H, W)); ``cond`` ids index ``self.prompts`` (set by
-``rsmbench.fullscale.LatentReward`` from the task's prompt list). All three are differentiable
+``rsmbench.run.fullscale.LatentReward`` from the task's prompt list). All three are differentiable
 (torch CLIP preprocessing, ``rewards.laion_aesthetic.clip_preprocess``), so first-order methods can
 use them; RSM's first-order SD experiments use HPS v2.1 (digest §9.1, §9.2).
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from rewards import register_reward
 from rewards.laion_aesthetic import clip_preprocess, hub_dir
-from rsmbench.fullscale import MissingWeights
+from rsmbench.errors import MissingWeights
 
 
 def _hub_file(path_or_repo: str, filename: str, what: str, key: str, env: str) -> str:

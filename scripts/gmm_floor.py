@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsmbench import tasks
-from rsmbench.models import Policy
+from rsmbench.run import tasks
+from rsmbench.core.models import Policy
 torch.set_num_threads(2)
 cfg = tasks.load("gmm", sys.argv[1:]); proc = tasks.build_process(cfg, "flow"); reward = tasks.build_reward(cfg)
 net = tasks.load_base(cfg, "flow").double(); ref = Policy(net, proc, 1.0)

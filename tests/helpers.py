@@ -1,8 +1,8 @@
 """Small builders shared by tests."""
 import torch
 
-from rsmbench.models import Policy, build_net, frozen_copy
-from rsmbench.process import make_process
+from rsmbench.core.models import Policy, build_net, frozen_copy
+from rsmbench.core.process import make_process
 
 
 def tiny_policy(kind="diffusion", arch="mlp", dtype=torch.float64, seed=0, cfg_scale=1.0, num_steps=6, **net_kw):

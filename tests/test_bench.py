@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import rewards
-from rsmbench import tracking
+from rsmbench.run import tracking
 from rsmbench.cli import main
 from tests.bench_helpers import tiny_overrides
 

@@ -15,8 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from rsmbench import bench
-from rsmbench import fullscale as fs
+from rsmbench.run import bench
+from rsmbench.run import fullscale as fs
 from rsmbench.cli import main
 
 # 2 prompts × 2 samples per iteration, 2 steps at 8 px (4×4 latents), 2 iterations, evals at 0 and 2
@@ -159,7 +159,7 @@ def test_auto_profile_line_is_printed(no_cached_sd, capsys):
 def test_sd15_killed_run_resumes_from_lora_checkpoint(tmp_path, sd15_dir, monkeypatch):
     """Killed after the iteration-1 checkpoint (LoRA + optimizer) but before its metrics were logged: the
     re-run loads the LoRA weights back into the adapter and finishes with no gap or duplicate."""
-    from rsmbench import fullscale, tracking
+    from rsmbench.run import fullscale, tracking
 
     real, state = tracking.Tracker.log_metrics, {"armed": True}
 

@@ -40,9 +40,9 @@ def _worker(rank, world, accum, port, out_dir, formulation):
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
 
-    from rsmbench import distributed as dist
-    from rsmbench import fullscale as fs
-    from rsmbench.method import get
+    from rsmbench.run import distributed as dist
+    from rsmbench.run import fullscale as fs
+    from rsmbench.core.method import get
 
     AcceleratorState._reset_state(True)
     acc = dist.make_accelerator(grad_accum=accum, cpu=True)
@@ -94,7 +94,7 @@ def test_split_batch_equals_whole_batch(tmp_path, formulation="original"):
 def test_shard_and_micro_batches():
     from types import SimpleNamespace
 
-    from rsmbench import distributed as dist
+    from rsmbench.run import distributed as dist
 
     acc = SimpleNamespace(num_processes=2, process_index=1)
     assert dist.shard(8, acc) == slice(4, 8)

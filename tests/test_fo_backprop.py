@@ -5,14 +5,14 @@ All checks in float64; "agree" means max|g₁ − g₂| / max|g₁| ≤ 1e-9 (``
 import pytest
 import torch
 
-from rsmbench import equivalence
-from rsmbench.adjoint import chain_adjoint, lean_adjoint
-from rsmbench.diffrollout import draw_truncation, forward_noise, replay, reward_and_grad
-from rsmbench.method import Context, get
-from rsmbench.models import Policy, build_net, frozen_copy
-from rsmbench.process import make_process
-from rsmbench.rollout import generators, sample
-from rsmbench.rsm import rsm_loss
+from rsmbench.harness import equivalence
+from rsmbench.core.adjoint import chain_adjoint, lean_adjoint
+from rsmbench.core.diffrollout import draw_truncation, forward_noise, replay, reward_and_grad
+from rsmbench.core.method import Context, get
+from rsmbench.core.models import Policy, build_net, frozen_copy
+from rsmbench.core.process import make_process
+from rsmbench.core.rollout import generators, sample
+from rsmbench.core.rsm import rsm_loss
 
 TOL = 1e-9
 

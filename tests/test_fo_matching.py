@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from rsmbench import equivalence, weights
-from rsmbench.estimators import first as fo
-from rsmbench.gradclip import FixedClip, QuantileClip, clip_by_norm, make_clipper
-from rsmbench.method import Context, get
-from rsmbench.models import Policy, build_net, frozen_copy
-from rsmbench.process import make_process
+from rsmbench.harness import equivalence
+from rsmbench.core import weights
+from rsmbench.core.estimators import first as fo
+from rsmbench.core.gradclip import FixedClip, QuantileClip, clip_by_norm, make_clipper
+from rsmbench.core.method import Context, get
+from rsmbench.core.models import Policy, build_net, frozen_copy
+from rsmbench.core.process import make_process
 from tests.helpers import tiny_policy
 
 
@@ -129,7 +130,7 @@ def test_jacobian_flag(kind):
 
 def test_next_state_after_last_step_is_terminal_gradient():
     pol, _ = tiny_policy("diffusion", num_steps=3)
-    from rsmbench.rollout import generators, sample
+    from rsmbench.core.rollout import generators, sample
     rows = sample(pol, (2,), generators([0, 1]), dtype=torch.float64).transitions()
     G = fo.next_state(pol, reward, rows)
     last = rows.step == 2
@@ -147,7 +148,7 @@ def test_next_state_after_last_step_is_terminal_gradient():
 def test_discount_and_kappa_by_hand():
     p = make_process("diffusion", num_steps=8)
     pol, _ = tiny_policy("diffusion", num_steps=8)
-    from rsmbench.rollout import generators, sample
+    from rsmbench.core.rollout import generators, sample
     rows = sample(Policy(pol.net, p), (2,), generators([0]), dtype=torch.float64).transitions()
     d = weights.discount(p, rows, 0.9)
     assert math.isclose(d[0].item(), 0.9**7, rel_tol=1e-14) and d[-1].item() == 1.0
@@ -212,7 +213,7 @@ def test_auxiliary_losses_train_the_auxiliary_network(method, process, preset, a
     m2 = get(method)
     ctx2 = equivalence.build_context(m2, process, torch.float64)
     b2 = equivalence.collect(m2, ctx2)
-    from rsmbench.rsm import rsm_loss
+    from rsmbench.core.rsm import rsm_loss
     lo, lr = m2.original_loss(b2, ctx2).item(), rsm_loss(ctx2.policy, ctx2.ref, m2.rsm_spec(b2, ctx2)).item()
     assert abs(lo - lr) <= 1e-12 * abs(lo)
 

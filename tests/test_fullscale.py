@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rsmbench import equivalence as eq
-from rsmbench import fullscale as fs
-from rsmbench.method import get
-from rsmbench.rsm import rsm_loss
+from rsmbench.harness import equivalence as eq
+from rsmbench.run import fullscale as fs
+from rsmbench.core.method import get
+from rsmbench.core.rsm import rsm_loss
 
 TOL = eq.TOL["float64"]
 PROMPTS = ["a photo of a cat", "a dog"]
@@ -105,7 +105,7 @@ def test_views_and_prompts():
 
 
 def test_published_grids():
-    from rsmbench.process import make_process
+    from rsmbench.core.process import make_process
 
     sd15 = fs.get_profile("sd15")
     p = make_process("diffusion", num_steps=sd15.num_steps["zeroth"], **sd15.process)

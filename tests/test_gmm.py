@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from rewards.gmm import LinearReward, QuadraticReward
-from rsmbench import gmm, tasks
-from rsmbench.pretrain import CheckpointError, load_checkpoint
-from rsmbench.process import make_process
+from rsmbench.data import gmm
+from rsmbench.run import tasks
+from rsmbench.core.checkpoints import load_checkpoint
+from rsmbench.errors import CheckpointError
+from rsmbench.core.process import make_process
 
 N_MC = 400_000
 

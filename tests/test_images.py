@@ -1,9 +1,9 @@
-"""The in-package photo patch source (rsmbench.images): deterministic, in [−1, 1], split held out."""
+"""The in-package photo patch source (rsmbench.data.images): deterministic, in [−1, 1], split held out."""
 import numpy as np
 import pytest
 import torch
 
-from rsmbench import images
+from rsmbench.data import images
 
 
 def test_patches_deterministic_given_seed():
@@ -51,7 +51,7 @@ def test_image_tasks_share_the_generators():
     """compressibility / incompressibility reuse aesthetic's base models: same data and processes."""
     from omegaconf import OmegaConf
 
-    from rsmbench import tasks
+    from rsmbench.run import tasks
 
     a = tasks.load("aesthetic")
     assert a.data.source == "photo_patches" and a.title == "aesthetic (tiny): learned image-quality head"
@@ -64,9 +64,9 @@ def test_image_tasks_share_the_generators():
 
 
 def test_data_source_is_registered_for_the_pretrainer():
-    from rsmbench.pretrain import data_source
+    from rsmbench.data.sources import data_source
 
-    src = data_source("photo_patches", "rsmbench.images", n_per_photo=3, seed=0)
+    src = data_source("photo_patches", "rsmbench.data.images", n_per_photo=3, seed=0)
     x, c = src.sample(5, torch.Generator().manual_seed(0))
     x2, c2 = src.sample(5, torch.Generator().manual_seed(0))
     assert x.shape == (5, 3, 32, 32) and torch.equal(x, x2) and torch.equal(c, c2)
@@ -78,7 +78,7 @@ def test_committed_generators_match_the_task_file():
 
     from omegaconf import OmegaConf
 
-    from rsmbench import tasks
+    from rsmbench.run import tasks
 
     cfg = tasks.load("aesthetic")
     for kind in ("flow", "diffusion"):

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-import rsmbench.process
-from rsmbench import influence
-from rsmbench import method as registry
+import rsmbench.core.process
+from rsmbench.harness import influence
+from rsmbench.core import method as registry
 
 
-class DigestGrid(rsmbench.process.FlowMatchEulerDiscreteScheduler):
+class DigestGrid(rsmbench.core.process.FlowMatchEulerDiscreteScheduler):
     """The digest's §2.3 SD3.5 grid: shift applied to s ∈ linspace(1, 10⁻³, N). diffusers' own
     ``set_timesteps(N)`` (the repo's FlowProcess) ends its unshifted linspace at the shifted training
     minimum 0.002994 instead, which moves late steps by up to 0.003 (t = 0.278 vs 0.275 at step 8)
@@ -25,7 +25,7 @@ class DigestGrid(rsmbench.process.FlowMatchEulerDiscreteScheduler):
 
 @pytest.fixture
 def digest_grid(monkeypatch):
-    monkeypatch.setattr(rsmbench.process, "FlowMatchEulerDiscreteScheduler", DigestGrid)
+    monkeypatch.setattr(rsmbench.core.process, "FlowMatchEulerDiscreteScheduler", DigestGrid)
 
 # digest §5.3, flow zeroth-order table, steps 0..8 of the SD3.5 10-step grid (a = 0.7)
 FLOW = {

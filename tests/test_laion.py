@@ -12,7 +12,7 @@ import torch
 import rewards
 from rewards import laion_aesthetic as la
 from rewards.aesthetic_tiny import LaionHead
-from rsmbench import fullscale as fs
+from rsmbench.run import fullscale as fs
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ loss is a mean over rows. float64; tolerance 1e-12 relative (norm-wise max), bot
 import pytest
 import torch
 
-from rsmbench import equivalence as E
-from rsmbench import method as registry
-from rsmbench import rsm
-from rsmbench.distributed import micro_batches
-from rsmbench.train import row_chunks
+from rsmbench.harness import equivalence as E
+from rsmbench.core import method as registry
+from rsmbench.core import rsm
+from rsmbench.run.distributed import micro_batches
+from rsmbench.run.train import row_chunks
 
 CASES = [(mid, kind) for mid, m in sorted(registry.load_all().items()) for kind in m.processes]
 

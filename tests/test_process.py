@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from rsmbench.process import DiffusionProcess, FlowProcess, make_process
+from rsmbench.core.process import DiffusionProcess, FlowProcess, make_process
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 

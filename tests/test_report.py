@@ -5,7 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from rsmbench import report, tracking
+from rsmbench.analysis import report
+from rsmbench.run import tracking
 from rsmbench.cli import main
 
 

@@ -77,7 +77,7 @@ def test_aesthetic_ranks_clean_patches_above_degraded(aesthetic):
     """Held-out patches vs. the same patches at full severity of each training degradation.
     Measured with the committed head: pair accuracy .75/1.0/.72/.91/.75 (blur/noise/jpeg/contrast/
     downup), .83 overall; a random head would sit near .5."""
-    from rsmbench.images import patches, to_uint8
+    from rsmbench.data.images import patches, to_uint8
 
     x, _ = patches("heldout", n_per_photo=4, seed=5)
     u = to_uint8(x)
@@ -121,7 +121,7 @@ def test_head_card_records_recipe_and_hash():
 def test_task_reward_without_cfg_uses_the_defaults(spec):
     from omegaconf import OmegaConf
 
-    from rsmbench import tasks
+    from rsmbench.run import tasks
 
     r = tasks.build_reward(OmegaConf.create({"reward": spec}))
     assert isinstance(r, jpeg.JpegReward) and r.quality == 95
@@ -130,7 +130,7 @@ def test_task_reward_without_cfg_uses_the_defaults(spec):
 def test_task_reward_unknown_name_is_a_task_error():
     from omegaconf import OmegaConf
 
-    from rsmbench import tasks
+    from rsmbench.run import tasks
 
     with pytest.raises(tasks.TaskError, match="unknown reward 'nope'; choose from .*compressibility"):
         tasks.build_reward(OmegaConf.create({"reward": {"name": "nope", "cfg": {}}}))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rsmbench.rollout import generators, sample
+from rsmbench.core.rollout import generators, sample
 from tests.helpers import tiny_policy
 
 

@@ -1,8 +1,8 @@
 """The RSM loss: native-space form equals the score-space definition; C2 has zero gradient at θ†."""
 import torch
 
-from rsmbench.rollout import generators, sample
-from rsmbench.rsm import RSMSpec, rsm_loss, rsm_loss_rows, to_native, to_score
+from rsmbench.core.rollout import generators, sample
+from rsmbench.core.rsm import RSMSpec, rsm_loss, rsm_loss_rows, to_native, to_score
 from tests.helpers import tiny_policy
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from rsmbench.stats import bootstrap_ci, iqm, mean_ci, stratified_bootstrap_ci
+from rsmbench.analysis.stats import bootstrap_ci, iqm, mean_ci, stratified_bootstrap_ci
 
 
 def test_iqm_hand_computed():
@@ -45,7 +45,7 @@ def test_frechet_nuclear_norm_form_equals_sqrtm_formula():
     import torch
     from scipy import linalg
 
-    from rsmbench.train import frechet
+    from rsmbench.run.train import frechet
 
     rng = np.random.default_rng(1)
     for n1, n2, d in ((40, 30, 5), (20, 25, 64)):  # n > d and n < d

@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from rsmbench import sweep, tracking
+from rsmbench.run import sweep, tracking
 from rsmbench.cli import main
 
 FAST = ["budget.reward_queries=64", "train.batch_per_prompt=32", "eval.num_samples=64", "eval.every=1000"]

@@ -1,8 +1,8 @@
 """The training loop without MLflow: determinism, budget accounting, both formulations."""
 import torch
 
-from rsmbench import tasks
-from rsmbench.train import frechet, run_config, train_run
+from rsmbench.run import tasks
+from rsmbench.run.train import frechet, run_config, train_run
 from tests.bench_helpers import tiny_overrides
 
 
@@ -47,8 +47,8 @@ def test_frechet_distance_matches_gaussian_formula():
 def test_evaluator_is_shared_and_iteration_zero_reuses_the_base_samples(tmp_path):
     """The runs of one process share the evaluator (base samples computed once); at iteration 0 θ is
     the base model, so its eval equals evaluating the base policy afresh, bit for bit."""
-    from rsmbench.models import Policy
-    from rsmbench.train import tiny_evaluator
+    from rsmbench.core.models import Policy
+    from rsmbench.run.train import tiny_evaluator
 
     cfg = tasks.load("gmm", tiny_overrides(tmp_path))
     ev = tiny_evaluator(cfg, "flow")

@@ -1,12 +1,12 @@
-"""rsmbench.tree: tree shapes, shared prefixes, NFE accounting (digest §9.5), determinism,
+"""rsmbench.core.tree: tree shapes, shared prefixes, NFE accounting (digest §9.5), determinism,
 reward fusion and per-depth advantage normalisation against hand-computed values."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rsmbench import tree
-from rsmbench.method import get
+from rsmbench.core import tree
+from rsmbench.core.method import get
 from tests.helpers import tiny_policy
 
 COND = torch.tensor([0, 1, 1])

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsmbench.method import Context, get
-from rsmbench.models import Policy, build_net, frozen_copy
-from rsmbench.process import make_process
-from rsmbench.rsm import rsm_loss
+from rsmbench.core.method import Context, get
+from rsmbench.core.models import Policy, build_net, frozen_copy
+from rsmbench.core.process import make_process
+from rsmbench.core.rsm import rsm_loss
 from tests.bench.test_method_step import peak_alloc_bytes
 
 B, STEPS, SHAPE = 2, 6, (3, 8, 8)

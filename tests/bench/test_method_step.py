@@ -1,6 +1,6 @@
 """One optimizer step, original loss vs RSM instance, for every registered method (first process).
 
-Setting: the equivalence harness's toy (rsmbench.equivalence.build_context: 2-D time-MLP, 8 steps,
+Setting: the equivalence harness's toy (rsmbench.harness.equivalence.build_context: 2-D time-MLP, 8 steps,
 2 prompts × 4 seeds, CFG 1.5), float32, one fixed batch per method; a step is zero_grad → loss
 (the RSM side includes building its spec: Ψ̂, γ, C1, C2) → backward → Adam.step. Goal: RSM ≤ 1.0×
 the original's time (median over methods). The summary table times both sides
@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rsmbench import equivalence
-from rsmbench.method import get, load_all
-from rsmbench.rsm import rsm_loss
+from rsmbench.harness import equivalence
+from rsmbench.core.method import get, load_all
+from rsmbench.core.rsm import rsm_loss
 
 REG = load_all()
 CASES = [(m, REG[m].processes[0]) for m in sorted(REG)]

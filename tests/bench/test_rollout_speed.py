@@ -6,9 +6,9 @@ log-probs, and draws one generator stream per sample.
 import torch
 from diffusers import DDIMScheduler
 
-from rsmbench.models import Policy, build_net
-from rsmbench.process import DiffusionProcess
-from rsmbench.rollout import generators, sample
+from rsmbench.core.models import Policy, build_net
+from rsmbench.core.process import DiffusionProcess
+from rsmbench.core.rollout import generators, sample
 
 B, STEPS, SHAPE = 8, 10, (3, 16, 16)
 

@@ -1,0 +1,125 @@
+"""Tiny networks built from config, the frozen reference copy, and the CFG policy wrapper.
+
+Two families, each usable as ε-predictor (diffusion) or v-predictor (flow); the prediction type
+is a tag checked against the process, the architecture is the same:
+- ``mlp``: a time-conditioned MLP for low-dimensional data (the 2-D toy tasks);
+- ``unet``: a diffusers ``UNet2DModel`` for images, class-conditioned on a prompt index.
+
+Prompt conditioning is an integer id per sample; id ``num_classes`` is the null prompt used by
+classifier-free guidance (the unconditional branch).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from diffusers import UNet2DModel
+
+from rsmbench.core.process import PREDICTION
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the model time input (diffusers' / DDPM's convention)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeMLP(nn.Module):
+    """x ∈ R^dim, time t (model units), optional class id → native output in R^dim."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb: int = 32,
+                 num_classes: int = 0):
+        super().__init__()
+        self.dim, self.temb, self.num_classes = dim, temb, num_classes
+        self.cond = nn.Embedding(num_classes + 1, temb) if num_classes else None
+        layers, width = [], dim + temb
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x, t, cond=None):
+        h = timestep_embedding(t.to(x.dtype).expand(x.shape[0]), self.temb)
+        if self.cond is not None and cond is not None:
+            h = h + self.cond(cond)
+        return self.net(torch.cat([x, h], dim=-1))
+
+
+class TinyUNet(nn.Module):
+    """diffusers UNet2DModel with an optional class (prompt) embedding."""
+
+    def __init__(self, sample_size: int = 16, channels: int = 3, block_out_channels=(32, 64),
+                 layers_per_block: int = 1, norm_num_groups: int = 8, num_classes: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.unet = UNet2DModel(
+            sample_size=sample_size, in_channels=channels, out_channels=channels,
+            layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
+            down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (len(block_out_channels) - 1),
+            up_block_types=("AttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+            norm_num_groups=norm_num_groups,
+            num_class_embeds=(num_classes + 1) if num_classes else None,
+        )
+
+    def forward(self, x, t, cond=None):
+        t = t.to(x.dtype).expand(x.shape[0])
+        labels = cond if self.num_classes else None
+        return self.unet(x, t, class_labels=labels).sample
+
+
+ARCHS = {"mlp": TimeMLP, "unet": TinyUNet}
+
+
+def build_net(arch: str, prediction: str, seed: int = 0, dtype=torch.float32, **cfg) -> nn.Module:
+    """Build a random-init tiny network from config; `prediction` is 'epsilon' or 'v'."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if prediction not in PREDICTION.values():
+        raise ValueError(f"unknown prediction {prediction!r}; choose 'epsilon' or 'v'")
+    torch.manual_seed(seed)
+    net = ARCHS[arch](**cfg).to(dtype)
+    net.prediction = prediction
+    return net
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A detached, frozen copy (the reference model, or the behaviour policy θ†)."""
+    ref = copy.deepcopy(net).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class Policy:
+    """A network evaluated at the process's step i with classifier-free guidance.
+
+    o = o(x, ∅) + w·(o(x, c) − o(x, ∅)) when ``cfg_scale != 1`` and a condition is given; the
+    two branches run in one batch. Every loss and every rollout calls the network through this
+    class, so guidance is identical in both formulations.
+    """
+
+    def __init__(self, net: nn.Module, process, cfg_scale: float = 1.0):
+        expected = PREDICTION[process.kind]
+        got = getattr(net, "prediction", expected)
+        if got != expected:
+            raise ValueError(f"{process.kind} process needs a {expected}-prediction network, got {got}")
+        self.net, self.process, self.cfg_scale = net, process, cfg_scale
+
+    def __call__(self, x: torch.Tensor, i, cond=None) -> torch.Tensor:
+        t = self.process.model_t
+        t = (t[i] if isinstance(i, int) else t[i.cpu()]).to(device=x.device, dtype=x.dtype)
+        t = t.reshape(-1) if t.dim() else t.reshape(1)
+        if cond is None or self.cfg_scale == 1.0:
+            out = self.net(x, t, cond)
+        else:
+            null = torch.full_like(cond, self.net.num_classes)
+            tt = torch.cat([t, t]) if t.numel() > 1 else t
+            both = self.net(torch.cat([x, x]), tt, torch.cat([null, cond]))
+            uncond, c = both.chunk(2)
+            out = uncond + self.cfg_scale * (c - uncond)
+        self.process.check_output(x, out)
+        return out

@@ -1,6 +1,0 @@
-"""Value-guidance estimators Ψ̂ (digest §4), in native units Ψ̂/a (see ``rsmbench.rsm``).
-
-``zeroth``: black-box reward (likelihood ratio, control variates, branching).
-``first``: differentiable reward (current-state Tweedie, next-state, lookahead, terminal, adjoint).
-"""
-from rsmbench.estimators.zeroth import likelihood_ratio  # noqa: F401

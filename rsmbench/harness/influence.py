@@ -1,0 +1,226 @@
+"""Temporal influence κ(t) and the normalized influence h(t) of every registered method (the RSM
+paper's h(t) figure; RSM arXiv 2604.17415, digest §5.2–5.3).
+
+At θ = θ† the value-guidance part of a row's RSM gradient is −2·C1·γ·⟨Ψ̂·∂s_θ⟩; in native units
+(``rsmbench.core.rsm``: c1 = C1·a², ψ = Ψ̂/a) it is −2·c1·γ·⟨ψ·∂o_θ⟩. Writing ψ as a multiple of the raw
+signal G of the method (zeroth-order: G = A·ξ; first-order: the stop-gradient reward gradient the
+method uses), the per-row coefficient is (digest §5.2)
+
+    κ_row = 2·c1·γ·|⟨ψ·G⟩| / ⟨G·G⟩          (the 2 is d/do of the squared norm),
+
+κ(t) = mean of κ_row over the rows at step t (0 where a method trains no row at t: the compute-level
+suppression of branching schedules, §5.3), and h(t) = κ(t)/Σ_t' κ(t').
+
+Everything is read from each method's own ``collect``/``prepare``/``rsm_spec`` on the real grids
+(SD1.5 50-step DDIM η = 1, scaled-linear betas; SD3.5 10-step Flow-GRPO SDE, a = 0.7, shift 3)
+with the harness's tiny 2-D networks (``rsmbench.harness.equivalence``): κ depends on the schedule
+constants only, not on the networks, because every Ψ̂ in the suite is a per-row scalar times G.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rsmbench.core import method as registry
+from rsmbench.core.estimators import first as fo
+from rsmbench.core.models import Policy
+from rsmbench.core.process import make_process
+from rsmbench.core.rsm import elementwise_mean
+from rsmbench.harness import equivalence
+
+GRIDS = {"diffusion": dict(num_steps=50, eta=1.0),  # SD1.5: scaled_linear betas (process defaults)
+         "flow": dict(num_steps=10, noise_level=0.7, shift=3.0)}  # SD3.5-M zeroth-order grid
+
+# The published preset each method is read with on each real grid (None: the method's defaults).
+PRESETS = {
+    "diffusion": {"ddpo": "ddpo_pytorch", "dpok": "dpok", "grpo": "dancegrpo", "pcpo": "pcpo_base",
+                  "pcpo_reweight": "sd15", "reinforce_kl": "dpok", "rsm_zo": "sd15_ours",
+                  "branch_grpo": "branchgrpo", "nabla_db": "sd15_pruned_baseline", "sqdf": "sqdf_t2i",
+                  "rsm_fo": "sd15_ours", "refl": "imagereward", "draft": "draft_1", "alignprop": "aesthetic",
+                  "adjoint_matching": "aesthetic"},
+    "flow": {"grpo": "flow_grpo_kl_free", "grpo_guard": "flow_grpo_guard", "pcpo_reweight": "sd35",
+             "tempflow_grpo": "rsm_base", "rsm_zo": "sd35_lowsnr2", "branch_grpo": "branchgrpo",
+             "pcpo": "pcpo_base", "reinforce_kl": "dpok", "vgg_flow": "sd35_baseline", "rsm_fo": "sd35_ours",
+             "draft": "draft_1", "alignprop": "aesthetic", "adjoint_matching": "aesthetic"},
+}
+
+
+# ---- where each first-order method keeps its raw signal G (per spec row) ----------------------------
+def _g_terminal(m, batch, ctx, rows):
+    return m._G(batch, ctx) if hasattr(m, "_G") else batch.extras["terminal_grad"][rows.sample]
+
+
+SIGNALS = {
+    # RSM first-order: the (clipped, flow) terminal ∇_{x0} r of the row's own trajectory (§9.1–9.2)
+    "rsm_fo": lambda m, b, ctx, rows: _g_terminal(m, b, ctx, rows),
+    # ∇-DB: ∇_{x'} r(x̂0(x')) at the sampled next state (§8.3), as its rsm_spec builds it
+    "nabla_db": lambda m, b, ctx, rows: fo.next_state(ctx.policy, ctx.reward, rows, jacobian=True),
+    # SQDF: k-step lookahead of the reference from the next state (§8.2); x' = μ_θ† + σξ = rows.x_next
+    "sqdf": lambda m, b, ctx, rows: fo.lookahead(ctx.ref, ctx.reward, rows.x_next, rows.step + 1, rows.cond,
+                                                 k=ctx.hp["lookahead_steps"]),
+    # VGG-Flow: clipped current-state gradient through the detached velocity (§8.1)
+    "vgg_flow": lambda m, b, ctx, rows: m.clipper(ctx)(
+        fo.current_state(ctx.policy, ctx.reward, rows.x, rows.step, rows.cond, jacobian=False)),
+    # ReFL: ∇r at x̂0 of the row (§8.11)
+    "refl": lambda m, b, ctx, rows: b.extras["x0_grad"],
+    # Adjoint Matching: minus the lean adjoint at the next state (§4.1 adjoint-style)
+    "adjoint_matching": lambda m, b, ctx, rows: -b.row_data["lean_adjoint_next"],
+    # DRaFT / AlignProp: ψ is the exact chain adjoint pulled back, not a multiple of one raw signal;
+    # κ is measured against the terminal gradient ∇_{x_N} r (an RMS ratio: the effective Jacobian)
+    "draft": lambda m, b, ctx, rows: b.extras["terminal_grad"][rows.sample],
+    "alignprop": lambda m, b, ctx, rows: b.extras["terminal_grad"][rows.sample],
+}
+RMS_RATIO = ("draft", "alignprop")  # ψ ∦ G: κ_row = 2·c1·γ·rms(ψ)/rms(G)
+
+
+def real_context(m, kind: str, hp: dict | None = None, seed: int = 0):
+    """The harness's tiny 2-D context (float64) with the process swapped for the real grid."""
+    ctx = equivalence.build_context(m, kind, torch.float64, seed, hp)
+    p = make_process(kind, **GRIDS[kind])
+    for name in ("policy", "ref", "behaviour"):
+        pol = getattr(ctx, name)
+        setattr(ctx, name, Policy(pol.net, p, pol.cfg_scale))
+    ctx.process = p
+    return ctx
+
+
+def row_kappa(m, batch, ctx, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(κ_row, valid) for every row of the spec (invalid: G ≡ 0 or a KL-anchor row)."""
+    rows = spec.rows
+    if m.order == "zeroth":
+        A = batch.extras["advantages"][rows.sample].to(rows.noise.dtype)
+        G = A.reshape(-1, *([1] * (rows.noise.dim() - 1))) * rows.noise
+    else:
+        G = SIGNALS[m.id](m, batch, ctx, rows).detach()
+    gg = elementwise_mean(G * G)
+    if m.id in RMS_RATIO:
+        ratio = elementwise_mean(spec.psi**2).sqrt() / gg.sqrt()
+    else:
+        ratio = elementwise_mean(spec.psi * G).abs() / gg
+    valid = gg > 1e-300
+    anchor = batch.extras.get("kl_anchor")
+    if isinstance(anchor, torch.Tensor) and anchor.shape == valid.shape:
+        valid = valid & ~anchor
+    kappa = 2 * spec.c1 * spec.gamma * ratio
+    return torch.where(valid, kappa, torch.zeros_like(kappa)), valid
+
+
+def kappa_profile(method_id: str, kind: str, preset: str | None = "auto", hp: dict | None = None,
+                  seed: int = 0) -> pd.DataFrame:
+    """κ(t), h(t) per step of `kind`'s real grid for one method (one row per step)."""
+    m = registry.get(method_id)
+    if preset == "auto":
+        preset = PRESETS[kind].get(method_id)
+    hp_all = m.hparams(preset, **(hp or {}))
+    ctx = real_context(m, kind, hp_all, seed)
+    ctx.hp = hp_all
+    batch = equivalence.collect(m, ctx, seed)
+    spec = m.rsm_spec(batch, ctx)
+    k_row, valid = row_kappa(m, batch, ctx, spec)
+    p, N = ctx.process, ctx.process.num_steps
+    step = spec.rows.step
+    kappa = np.zeros(N)
+    n_rows = np.zeros(N, dtype=int)
+    for i in range(N):
+        sel = (step == i) & valid
+        n_rows[i] = int(sel.sum())
+        if n_rows[i]:
+            kappa[i] = k_row[sel].mean().item()
+    total = kappa.sum()
+    h = kappa / total if total > 0 else np.full(N, math.nan)
+    return pd.DataFrame({"method": method_id, "process": kind, "preset": preset or "defaults",
+                         "order": m.order, "step": np.arange(N), "t": _time(p), "log_snr": log_snr(p),
+                         "kappa": kappa, "h": h, "rows": n_rows})
+
+
+def _time(p) -> np.ndarray:
+    return (p.timesteps if p.kind == "diffusion" else p.t).double().numpy()
+
+
+def log_snr(p) -> np.ndarray:
+    """log-SNR at each step's input: log(ᾱ/(1−ᾱ)) (diffusion), log(((1−t)/t)²) (flow; −∞ at t = 1)."""
+    if p.kind == "diffusion":
+        ab = p.alphas_cumprod_t
+        return torch.log(ab / (1 - ab)).numpy()
+    t = p.t
+    with np.errstate(divide="ignore"):
+        return np.log((((1 - t) / t) ** 2).numpy())
+
+
+def profiles(methods=None, kinds=("diffusion", "flow")) -> pd.DataFrame:
+    reg = registry.load_all()
+    ids = sorted(reg) if methods is None else list(methods)
+    frames = [kappa_profile(mid, kind) for kind in kinds for mid in ids if kind in reg[mid].processes]
+    return pd.concat(frames, ignore_index=True)
+
+
+CAPTION = (
+    "Temporal influence of every registered method. Top row: κ(t), the coefficient of the raw signal G "
+    "(zeroth-order: A·ξ; first-order: the method's stop-gradient reward gradient) in the value-guidance part "
+    "of the RSM gradient at θ = θ†, κ = 2·C1·γ·|⟨ψ·G⟩|/⟨G·G⟩ in native units (ε or v), read from each "
+    "method's own rsm_spec with its published preset on the real grids (diffusion: SD1.5 50-step DDPM, "
+    "scaled-linear betas; flow: SD3.5 10-step Flow-GRPO SDE, a = 0.7, shift 3), averaged over rows per step; "
+    "log scale, unitless (native-output units per unit of G). Bottom row: h(t) = κ(t)/Σκ; steps a branching "
+    "schedule does not train have κ = h = 0 (not drawn on the log axis). DRaFT/AlignProp Ψ̂ carries the "
+    "exact chain Jacobian, so their κ is the RMS ratio 2·C1·γ·rms(ψ)/rms(∇_{x_N} r). Flow t = 1 (log-SNR = −∞) "
+    "is drawn at the left edge. κ includes each preset's reward scale λ, so only h compares across methods. "
+    "Methods that train a random step per batch (ReFL's window, AlignProp's random truncation) show the steps "
+    "drawn in the one batch collected here (seed 0); DRaFT-1 trains only the last step."
+)
+
+
+def plot(df: pd.DataFrame, out_dir, name: str = "influence") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = [k for k in ("diffusion", "flow") if k in set(df.process)]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(6.2 * len(kinds) + 2.4, 7.0), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    ids = sorted(df.method.unique())
+    colors = {mid: cmap(j % 20) for j, mid in enumerate(ids)}
+    for c, kind in enumerate(kinds):
+        sub = df[df.process == kind]
+        x_all = sub.log_snr.to_numpy()
+        finite = x_all[np.isfinite(x_all)]
+        left = finite.min() - 0.6 * (finite.max() - finite.min()) / max(len(np.unique(finite)), 1)
+        for mid, g in sub.groupby("method"):
+            x = np.where(np.isfinite(g.log_snr), g.log_snr, left)
+            style = "-" if g.order.iloc[0] == "zeroth" else "--"
+            k = np.where(g.kappa > 0, g.kappa, np.nan)
+            axes[0, c].plot(x, k, style, marker="o", ms=3, color=colors[mid], label=f"{mid} ({g.order.iloc[0][0]}o)")
+            axes[1, c].plot(x, g.h, style, marker="o", ms=3, color=colors[mid], label=mid)
+        axes[0, c].set_yscale("log")
+        axes[0, c].set_title(f"{kind} ({'SD1.5 50-step DDPM' if kind == 'diffusion' else 'SD3.5 10-step SDE'})")
+        axes[0, c].set_ylabel("κ(t) [native units per unit G]")
+        axes[1, c].set_ylabel("h(t) = κ/Σκ [fraction]")
+        axes[1, c].set_xlabel("log-SNR [nats]" + (" (t = 1 at left edge)" if kind == "flow" else ""))
+        for ax in axes[:, c]:
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes[0]:
+        for h_, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h_)
+    labels = sorted(handles)
+    fig.legend([handles[k] for k in labels], labels, fontsize=7, loc="center right", title="method (zo/fo)")
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=110)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def run(out_dir) -> tuple[pd.DataFrame, str]:
+    """κ(t), h(t) of every method on both real grids; writes influence.{png,pdf} and influence.csv."""
+    df = profiles()
+    plot(df, out_dir)
+    df.to_csv(Path(out_dir) / "influence.csv", index=False)
+    return df, CAPTION

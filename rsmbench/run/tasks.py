@@ -1,0 +1,158 @@
+"""Tasks: `tasks/<name>.yaml` (omegaconf) → a fully resolved config, and builders from it.
+
+Schema (see tasks/gmm.yaml for a complete example):
+    name, title, alpha                 the objective J = E[r] − α·KL
+    base: NAME                         optional: start from tasks/NAME.yaml and override
+    data: {source, module?, cfg}       pretraining data (rsmbench.data.sources registry; `module` is imported)
+    processes.<diffusion|flow>:        process kwargs, base model (arch, net kwargs, checkpoint), pretrain
+    reward: {name, cfg}                rewards.get(name, **cfg)
+    prompts: {names, train, eval}      integer class ids (names for display)
+    train, budget, eval, bench         loop hyperparameters, reward-query budget, pinned eval protocol
+    methods.<id>: {...}                per-method hyperparameter overrides
+    profiles.<tiny|sd15|sd35>: {...}   overrides applied by --profile (tiny = the file as written)
+
+Errors a user can cause raise ``TaskError`` with one line that names the valid choices.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import rewards
+from rsmbench.core.checkpoints import load_checkpoint
+from rsmbench.core.process import KINDS, make_process
+from rsmbench.data import gmm
+from rsmbench.errors import TaskError
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ("tiny", "sd15", "sd35")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def tasks_dir() -> Path:
+    return Path(os.environ.get("RSMBENCH_TASKS", ROOT / "tasks"))
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in tasks_dir().glob("*.yaml"))
+
+
+def resolve_path(p: str | os.PathLike) -> Path:
+    """Relative paths in task files are relative to the repository root."""
+    p = Path(p)
+    return p if p.is_absolute() else ROOT / p
+
+
+def _read(name: str, seen=()) -> DictConfig:
+    path = tasks_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise TaskError(f"unknown task {name!r}; choose from {', '.join(available()) or '(none)'}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # malformed YAML
+        raise TaskError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    base = cfg.pop("base", None)
+    if base:
+        if base in seen:
+            raise TaskError(f"task {name!r}: circular 'base' chain {' -> '.join(seen + (name, base))}")
+        cfg = OmegaConf.merge(_read(base, seen + (name,)), cfg)
+    return cfg
+
+
+def parse_overrides(overrides) -> list[str]:
+    out = []
+    for o in overrides or ():
+        key, eq, _ = o.partition("=")
+        if not eq or not key.strip() or any(c.isspace() for c in key):
+            raise TaskError(f"malformed override {o!r}; write key=value, e.g. train.lr=1e-3")
+        out.append(o)
+    return out
+
+
+def full_scale_profiles(name: str) -> list[str]:
+    """The full-scale profiles (sd15, sd35) a task file declares, in PROFILES order."""
+    declared = _read(name).get("profiles") or {}
+    return [p for p in PROFILES if p != "tiny" and p in declared]
+
+
+def load(name: str, overrides=(), profile: str = "tiny") -> DictConfig:
+    """Task name → resolved config, with the profile overlay and dotlist overrides applied."""
+    if profile not in PROFILES:
+        raise TaskError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    cfg = _read(name)
+    profiles = cfg.pop("profiles", None) or {}
+    if profile != "tiny":
+        if profile not in profiles:
+            raise TaskError(f"task {name!r} has no {profile!r} profile; choose from "
+                            f"{', '.join(['tiny', *profiles])}")
+        cfg = OmegaConf.merge(cfg, profiles[profile])
+    cfg.profile = profile
+    if "methods" not in cfg or cfg.methods is None:
+        cfg.methods = {}
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.methods, False)  # any method id / hyperparameter may be overridden
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(parse_overrides(overrides)))
+        OmegaConf.resolve(cfg)
+    except TaskError:
+        raise
+    except OmegaConfBaseException as e:
+        raise TaskError(f"bad override for task {name!r}: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key in ("name", "processes", "reward", "prompts", "train", "budget", "eval"):
+        if key not in cfg:
+            raise TaskError(f"task {cfg.get('name', '?')!r} lacks the {key!r} section")
+    for kind in cfg.processes:
+        if kind not in KINDS:
+            raise TaskError(f"task {cfg.name!r}: unknown process {kind!r}; choose from {', '.join(KINDS)}")
+    if cfg.train.dtype not in DTYPES:
+        raise TaskError(f"train.dtype {cfg.train.dtype!r}; choose from {', '.join(DTYPES)}")
+
+
+# ---- builders -----------------------------------------------------------------------------------
+def sample_shape(model_cfg) -> tuple:
+    net = model_cfg.net
+    if model_cfg.arch == "mlp":
+        return (int(net.get("dim", 2)),)
+    return (int(net.get("channels", 3)), int(net.get("sample_size", 16)), int(net.get("sample_size", 16)))
+
+
+def build_process(cfg: DictConfig, kind: str):
+    return make_process(kind, **OmegaConf.to_container(cfg.processes[kind].process, resolve=True))
+
+
+def reward_kwargs(cfg: DictConfig) -> dict:
+    """The reward's keyword arguments: ``reward.cfg`` as a dict ({} when absent, null or empty)."""
+    kw = cfg.reward.get("cfg")
+    return OmegaConf.to_container(kw, resolve=True) if kw is not None else {}
+
+
+def build_reward(cfg: DictConfig):
+    try:
+        return rewards.get(cfg.reward.name, **reward_kwargs(cfg))
+    except KeyError as e:
+        raise TaskError(str(e).strip("'\"")) from None
+
+
+def load_base(cfg: DictConfig, kind: str, dtype=None):
+    """The committed base network of process `kind` (hash-checked), in the training dtype."""
+    model = cfg.processes[kind].model
+    net, _ = load_checkpoint(resolve_path(model.checkpoint), task=cfg.name)
+    return net.to(dtype or DTYPES[cfg.train.dtype])
+
+
+def ground_truth(cfg: DictConfig, reward):
+    """Exact optimum of a Gaussian-mixture task (None for tasks without one)."""
+    if cfg.get("data") is None or cfg.data.source != "gmm" or not hasattr(reward, "tilt"):
+        return None
+    data = gmm.MixtureData(**OmegaConf.to_container(cfg.data.cfg, resolve=True))
+    return gmm.GroundTruth(data.mixture, reward, float(cfg.alpha))
