@@ -11,7 +11,7 @@ PORT   ?= 5055
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test bench equiv perf report sweep ui clean venv
+.PHONY: test lint bench equiv perf report sweep ui clean venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)  ## the test suite (benchmarks excluded)
 	$(PY) -m pytest -q tests --ignore=tests/bench
+
+lint: $(STAMP)  ## ruff (pyproject.toml [tool.ruff]); CI fails on any finding
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)  ## compare the methods on TASK (PROFILE, METHODS, SEEDS optional)
 	$(VENV)/bin/rsmbench bench --task $(TASK) $(if $(PROFILE),--profile $(PROFILE)) \

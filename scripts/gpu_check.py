@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rsmbench.run import fullscale as fs  # noqa: E402
-from rsmbench.run.distributed import micro_batches  # noqa: E402
-from rsmbench.harness.equivalence import compare  # noqa: E402
 from rsmbench.core.method import get  # noqa: E402
 from rsmbench.core.rsm import rsm_loss  # noqa: E402
+from rsmbench.harness.equivalence import compare  # noqa: E402
+from rsmbench.run import fullscale as fs  # noqa: E402
+from rsmbench.run.distributed import micro_batches  # noqa: E402
 
 FAMILIES = {"zeroth": ("reinforce_kl", {}), "first": ("draft", {"k": 1})}
 STEPS = {"sd15": {"zeroth": 20, "first": 20}, "sd35": {"zeroth": 10, "first": 10}}

@@ -8,8 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import rewards
-from rsmbench.run import tracking
 from rsmbench.cli import main
+from rsmbench.run import tracking
 from tests.bench_helpers import tiny_overrides
 
 METHODS = "reinforce_kl,grpo"

@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
+from rsmbench.cli import main
 from rsmbench.run import bench
 from rsmbench.run import fullscale as fs
-from rsmbench.cli import main
 
 # 2 prompts × 2 samples per iteration, 2 steps at 8 px (4×4 latents), 2 iterations, evals at 0 and 2
 TINY = ["fullscale.resolution=8", "fullscale.num_steps=2", "fullscale.eval_steps=2", "fullscale.precision=fp32",

@@ -40,9 +40,9 @@ def _worker(rank, world, accum, port, out_dir, formulation):
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
 
+    from rsmbench.core.method import get
     from rsmbench.run import distributed as dist
     from rsmbench.run import fullscale as fs
-    from rsmbench.core.method import get
 
     AcceleratorState._reset_state(True)
     acc = dist.make_accelerator(grad_accum=accum, cpu=True)

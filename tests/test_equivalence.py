@@ -3,8 +3,8 @@ check fails when a deliberately wrong constant is injected into the RSM instance
 import pytest
 import torch
 
-from rsmbench.harness import equivalence
 from rsmbench.core.method import load_all
+from rsmbench.harness import equivalence
 
 REG = load_all()
 PAIRS = [(m, p) for m in sorted(REG) for p in REG[m].processes]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsmbench.harness import estimator_study as es
 from rsmbench.data import gmm
+from rsmbench.harness import estimator_study as es
 
 LOG2_N = (4, 6, 8)
 

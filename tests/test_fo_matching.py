@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from rsmbench.harness import equivalence
 from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
 from rsmbench.core.gradclip import FixedClip, QuantileClip, clip_by_norm, make_clipper
 from rsmbench.core.method import Context, get
 from rsmbench.core.models import Policy, build_net, frozen_copy
 from rsmbench.core.process import make_process
+from rsmbench.harness import equivalence
 from tests.helpers import tiny_policy
 
 

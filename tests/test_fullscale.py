@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rsmbench.harness import equivalence as eq
-from rsmbench.run import fullscale as fs
 from rsmbench.core.method import get
 from rsmbench.core.rsm import rsm_loss
+from rsmbench.harness import equivalence as eq
+from rsmbench.run import fullscale as fs
 
 TOL = eq.TOL["float64"]
 PROMPTS = ["a photo of a cat", "a dog"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from rewards.gmm import LinearReward, QuadraticReward
-from rsmbench.data import gmm
-from rsmbench.run import tasks
 from rsmbench.core.checkpoints import load_checkpoint
-from rsmbench.errors import CheckpointError
 from rsmbench.core.process import make_process
+from rsmbench.data import gmm
+from rsmbench.errors import CheckpointError
+from rsmbench.run import tasks
 
 N_MC = 400_000
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import rsmbench.core.process
-from rsmbench.harness import influence
 from rsmbench.core import method as registry
+from rsmbench.harness import influence
 
 
 class DigestGrid(rsmbench.core.process.FlowMatchEulerDiscreteScheduler):

@@ -79,8 +79,8 @@ def test_pickscore_code_path():
     cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                                       eos_token_id=49407, pad_token_id=49407),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        patch_size=32, image_size=64), projection_dim=8)
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, patch_size=32, image_size=64), projection_dim=8)
     torch.manual_seed(0)
     r = PickScore(CLIPModel(cfg), fs.clip_tokenizer(), prompts=["a cat", "a dog"])
     x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)

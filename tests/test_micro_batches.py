@@ -4,9 +4,9 @@ loss is a mean over rows. float64; tolerance 1e-12 relative (norm-wise max), bot
 import pytest
 import torch
 
-from rsmbench.harness import equivalence as E
 from rsmbench.core import method as registry
 from rsmbench.core import rsm
+from rsmbench.harness import equivalence as E
 from rsmbench.run.distributed import micro_batches
 from rsmbench.run.train import row_chunks
 

@@ -3,11 +3,10 @@ import json
 import re
 
 import numpy as np
-import pytest
 
 from rsmbench.analysis import report
-from rsmbench.run import tracking
 from rsmbench.cli import main
+from rsmbench.run import tracking
 
 
 def _store(tmp_path):

@@ -3,8 +3,8 @@ import textwrap
 
 import pytest
 
-from rsmbench.run import sweep, tracking
 from rsmbench.cli import main
+from rsmbench.run import sweep, tracking
 
 FAST = ["budget.reward_queries=64", "train.batch_per_prompt=32", "eval.num_samples=64", "eval.every=1000"]
 
@@ -51,8 +51,8 @@ def test_malformed_sweep_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "non-empty mapping of levels" in err and len(err.splitlines()) == 1
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
-    p2 = _write(tmp_path, f"name: y\ntasks: [gmm]\noverrides: {FAST}\naxes:\n  a: {{x: {{method: grpo}}, y: {{method: ddpo}}}}\n"
-                          "  b: {z: {method: grpo}}\n")
+    p2 = _write(tmp_path, f"name: y\ntasks: [gmm]\noverrides: {FAST}\naxes:\n"
+                          "  a: {x: {method: grpo}, y: {method: ddpo}}\n  b: {z: {method: grpo}}\n")
     pts = sweep.expand(sweep.load(p2))
     assert all("name a method" in pt.skip for pt in pts)
 

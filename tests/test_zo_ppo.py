@@ -5,12 +5,12 @@ two PCPO forms, DPOK's attributable gap, and image-shaped states. Tolerances: fl
 import pytest
 import torch
 
-from rsmbench.harness import equivalence
 from rsmbench.core import trust
 from rsmbench.core.advantages import PerPromptStatTracker, clip_advantages, per_prompt_advantages
 from rsmbench.core.method import Context, get
 from rsmbench.core.models import Policy, build_net, frozen_copy
 from rsmbench.core.process import make_process
+from rsmbench.harness import equivalence
 
 CLIPPED = [("ddpo", "diffusion"), ("grpo", "flow"), ("pcpo", "diffusion"), ("pcpo_reweight", "flow"),
            ("grpo_guard", "flow"), ("dpok", "diffusion")]

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from rsmbench.harness import equivalence
-from rsmbench.core import trust, tree
+from rsmbench.core import tree, trust
 from rsmbench.core.method import Context, get
 from rsmbench.core.models import Policy, build_net, frozen_copy
 from rsmbench.core.process import make_process
 from rsmbench.core.rsm import RSMSpec, elementwise_mean, rsm_loss
+from rsmbench.harness import equivalence
 
 PAIRS = [("branch_grpo", "diffusion"), ("tempflow_grpo", "flow"), ("rsm_zo", "diffusion"), ("rsm_zo", "flow")]
 

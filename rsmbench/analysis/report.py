@@ -169,7 +169,8 @@ def results_table(runs: pd.DataFrame, task: str) -> tuple[pd.DataFrame, dict, pd
                 continue
             point, lo, hi = stats.bootstrap_ci(v, n_resamples=2000, seed=0)
             nrow[name] = point
-            drow[name] = f"{_fmt(point)} [{_fmt(lo)}, {_fmt(hi)}]" + (f" (IQM {_fmt(stats.iqm(v))})" if name == "reward" else "")
+            iqm = f" (IQM {_fmt(stats.iqm(v))})" if name == "reward" else ""
+            drow[name] = f"{_fmt(point)} [{_fmt(lo)}, {_fmt(hi)}]" + iqm
         num.append(nrow), disp.append(drow)
     num, disp = pd.DataFrame(num), pd.DataFrame(disp)
     bold = {}
@@ -341,7 +342,8 @@ def build(out: Path, task: str | None = None, sweep: str | None = None, analyses
     runs = runs.join(queries_to_threshold(history, runs), on="run_id") if len(history) else runs
     out.mkdir(parents=True, exist_ok=True)
     idx = [f"# rsmbench report: {sweep or task or 'all tasks'}", "",
-           f"{len(runs)} finished runs from `{tracking.tracking_uri()}`; tasks: {', '.join(sorted(runs.task.unique()))}.",
+           f"{len(runs)} finished runs from `{tracking.tracking_uri()}`; "
+           f"tasks: {', '.join(sorted(runs.task.unique()))}.",
            "Intervals are 95 % percentile-bootstrap CIs over seeds (scipy.stats.bootstrap, 2000 resamples); "
            "IQM = interquartile mean over seeds.", ""]
 

@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 
 import methods
-
 from rsmbench.core.models import Policy
 from rsmbench.core.rollout import Rollout, Transitions, generators, sample
 

@@ -14,8 +14,8 @@ import copy
 import math
 
 import torch
-from torch import nn
 from diffusers import UNet2DModel
+from torch import nn
 
 from rsmbench.core.process import PREDICTION
 

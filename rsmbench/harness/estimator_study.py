@@ -21,7 +21,8 @@ Estimators (shared code, native → score units with ``rsmbench.core.rsm.to_scor
 Panels: (1) RMSE vs #samples; (2) lookahead depth (FO: k steps of ODE before Tweedie; ZO: stop the
 rollout k steps after t and use r(x̂0) there); (3) Branch-GRPO trees at equal NFE; (4) stochasticity
 localisation (one SDE step then ODE, TempFlow-GRPO) vs full SDE, against the exact Ψ and against its
-own high-sample reference (variance only); (5) base model vs exact-score rollouts (model bias; panel (1) only, for the time budget).
+own high-sample reference (variance only); (5) base model vs exact-score rollouts (model bias; panel (1)
+only, for the time budget).
 Panel (1) also draws the exact one-step Doob target (``doob_target``) against Ψ_t: the floor that the
 transition-level estimators (ZO, next-state) approach as samples grow on this 20-step grid.
 """
@@ -386,8 +387,9 @@ def caption(info: dict) -> str:
         f"{info['step']} of the task's 20-step DDPM grid (timestep {info['timestep']}, ᾱ_t = {info['alphabar']:.4f}, "
         f"the grid point nearest ᾱ_t = 0.01), against the exact Ψ_t of the tilted mixture. Rollouts from x_t use the "
         f"exact mixture score ('exact': no model error) and, where available, the pretrained base network ('base'; "
-        f"{info['model_note']}). (a) zeroth-order likelihood ratio without/with the group-mean control variate and with "
-        f"self-normalised exp-tilted weights, the exact one-step Doob target (the 20-step grid's discretisation floor), "
+        f"{info['model_note']}). (a) zeroth-order likelihood ratio without/with the group-mean control variate "
+        f"and with self-normalised exp-tilted weights, the exact one-step Doob target (the 20-step grid's "
+        f"discretisation floor), "
         f"and first-order current-state (DPS), 2-step lookahead (SQDF-2) and next-state Stein estimates, vs #samples "
         f"(log₂ n ∈ {list(info['log2_n'])}, scaled down from the paper's 4…16 for a 2-core CPU); (b) lookahead depth k "
         f"(FO: k ODE steps then Tweedie; ZO: reward of x̂0 k steps after t); (c) Branch-GRPO trees (#split, #branch) at "

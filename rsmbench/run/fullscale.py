@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 import rewards
-
 from rsmbench.core.method import Context
 from rsmbench.core.models import Policy
 from rsmbench.core.process import make_process
@@ -102,7 +101,8 @@ def load_prompts(name_or_path: str) -> list[str]:
     if not p.exists():
         p = PROMPTS_DIR / f"{name_or_path}.txt"
     if not p.exists():
-        raise FileNotFoundError(f"prompt list {name_or_path!r} not found (neither a file nor tasks/prompts/{name_or_path}.txt)")
+        raise FileNotFoundError(f"prompt list {name_or_path!r} not found "
+                                f"(neither a file nor tasks/prompts/{name_or_path}.txt)")
     return [s.strip() for s in p.read_text().splitlines() if s.strip()]
 
 
@@ -188,8 +188,15 @@ def random_pipeline(kind: str, size: str = "tiny", seed: int = 0, device=None):
     random weights and the real CLIP tokenizer. size='tiny': a few k–M parameters (CPU tests);
     size='full': the published backbone and VAE configs (SD1.5 UNet 860 M; SD3.5-Medium MMDiT 2.5 B),
     with small text encoders of the right output widths and no T5 (its slot is zeros, as in diffusers)."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if device is not None:  # initialise directly on `device` (a 2.5 B MMDiT initialises in seconds on a GPU)
@@ -200,8 +207,9 @@ def random_pipeline(kind: str, size: str = "tiny", seed: int = 0, device=None):
     full = size == "full"
 
     def text_cfg(width, proj=None):
-        return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, max_position_embeddings=77,
-                              num_hidden_layers=1 if full else 2, num_attention_heads=max(1, width // 64) if full else 4,
+        return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width,
+                              max_position_embeddings=77, num_hidden_layers=1 if full else 2,
+                              num_attention_heads=max(1, width // 64) if full else 4,
                               projection_dim=proj or width,
                               bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
@@ -230,10 +238,12 @@ def random_pipeline(kind: str, size: str = "tiny", seed: int = 0, device=None):
             tr = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                                        caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-                                       pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+                                       pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                                       qk_norm="rms_norm")
             vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+                                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                                shift_factor=0.0609)
             te1, te2 = CLIPTextModelWithProjection(text_cfg(768)), CLIPTextModelWithProjection(text_cfg(1280))
         else:  # joint dim = CLIP widths 16 + 16 (T5 slot zero-padded to it), pooled = 16 + 16
             tr = SD3Transformer2DModel(sample_size=4, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=4,
@@ -241,7 +251,8 @@ def random_pipeline(kind: str, size: str = "tiny", seed: int = 0, device=None):
                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=4)
             vae = AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+                                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                                shift_factor=0.0609)
             te1, te2 = CLIPTextModelWithProjection(text_cfg(16)), CLIPTextModelWithProjection(text_cfg(16))
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
         return StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=te1, tokenizer=tok,

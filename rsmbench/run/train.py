@@ -11,8 +11,9 @@ until the reward-query budget is spent. Full-scale profiles (sd15 / sd35, ``_ful
 peft LoRA of the SD model built by ``rsmbench.run.fullscale.build``, the reference is the adapter
 disabled, θ† a LoRA snapshot (``sync_behaviour`` before each collection; the base is never copied),
 prompts are drawn from the task's prompt list each iteration, the loss gradient is accumulated over
-chunks of ``train.micro_rows`` rows, and checkpoints hold the LoRA tensors only. Reward queries and network evaluations (NFEs) are counted
-generically by wrapping the reward and the three policies, so every method is accounted alike.
+chunks of ``train.micro_rows`` rows, and checkpoints hold the LoRA tensors only. Reward queries and
+network evaluations (NFEs) are counted generically by wrapping the reward and the three policies, so
+every method is accounted alike.
 
 Evaluation (task ``eval`` section, logged with the run): fixed held-out seeds and prompts, the
 trained sampler; reward mean/std; path KL to the reference Σ_i KL_i in nats (D·⟨·⟩ per step, along
@@ -93,7 +94,8 @@ def method_hparams(task_cfg, m) -> dict:
     return m.hparams(**(OmegaConf.to_container(over, resolve=True) if over else {}))
 
 
-def run_config(task_cfg, method_id: str, formulation: str, kind: str, seed: int, budget_mode: str | None = None) -> dict:
+def run_config(task_cfg, method_id: str, formulation: str, kind: str, seed: int,
+               budget_mode: str | None = None) -> dict:
     """The fully resolved config of one run (what is hashed, logged as params and as an artifact)."""
     m = registry.get(method_id)
     cfg = OmegaConf.to_container(task_cfg, resolve=True)
@@ -167,7 +169,8 @@ class Evaluator:
         self.base_extra = {}
         if gt is not None:  # J* = α·log E_base[exp(r/α)]: log-mean-exp over ``jstar_samples`` base samples
             n_star = int(ev.get("jstar_samples") or 0)
-            more = [self._sample(ref, range(n + k, min(n + k + 8192, n_star))).final for k in range(0, n_star - n, 8192)]
+            more = [self._sample(ref, range(n + k, min(n + k + 8192, n_star))).final
+                    for k in range(0, n_star - n, 8192)]
             self.base_extra = gt.base_metrics(torch.cat([self.base.final, *more]))
 
     def _sample(self, policy, index=None):
@@ -175,9 +178,11 @@ class Evaluator:
         seeds, cond = self.seeds, self.cond
         if index is not None:
             seeds = [self.seeds[0] + k for k in index]
-            cond = self.prompts[torch.tensor(list(index)) // math.ceil(len(self.cond) / len(self.prompts)) % len(self.prompts)]
-        return sample(policy, self.shape, generators(seeds), cond=cond if getattr(policy.net, "num_classes", 0) else None,
-                      stochastic=self.stochastic, dtype=next(policy.net.parameters()).dtype)
+            per_prompt = math.ceil(len(self.cond) / len(self.prompts))
+            cond = self.prompts[torch.tensor(list(index)) // per_prompt % len(self.prompts)]
+        cond = cond if getattr(policy.net, "num_classes", 0) else None
+        return sample(policy, self.shape, generators(seeds), cond=cond, stochastic=self.stochastic,
+                      dtype=next(policy.net.parameters()).dtype)
 
     @torch.no_grad()
     def kl_to_ref(self, ro) -> torch.Tensor:
@@ -312,7 +317,8 @@ def _shared(what: str, key, build):
 
 def shared_reward(task_cfg):
     """The task's reward, built once per process."""
-    return _shared("reward", OmegaConf.to_container(task_cfg.reward, resolve=True), lambda: tasks.build_reward(task_cfg))
+    key = OmegaConf.to_container(task_cfg.reward, resolve=True)
+    return _shared("reward", key, lambda: tasks.build_reward(task_cfg))
 
 
 def tiny_evaluator(task_cfg, kind: str) -> Evaluator:
@@ -344,7 +350,8 @@ def _full_setup(rc, task_cfg, m, counters) -> Setup:
                         cfg_scale=fsc.get("cfg_scale"), resolution=fsc.get("resolution"), seed=int(rc["seed"]),
                         lora=fsc.get("lora"))
     process, w = F.ctx.process, F.ctx.policy.cfg_scale
-    eval_process = fullscale.make_profile_process(F.profile, F.pipe, fsc.get("eval_steps") or F.profile.num_steps["eval"])
+    eval_steps = fsc.get("eval_steps") or F.profile.num_steps["eval"]
+    eval_process = fullscale.make_profile_process(F.profile, F.pipe, eval_steps)
     ref = CountingPolicy(F.ctx.ref.net, process, w, counters)
 
     def new_behaviour():
@@ -373,7 +380,8 @@ def _full_setup(rc, task_cfg, m, counters) -> Setup:
 
     return Setup(process=process, policy=CountingPolicy(F.net, process, w, counters), ref=ref,
                  new_behaviour=new_behaviour, reward=F.ctx.reward, params=F.net.lora_parameters(),
-                 state=lambda: fullscale.trainable_state(F.net), load=lambda sd: fullscale.load_trainable_state(F.net, sd),
+                 state=lambda: fullscale.trainable_state(F.net),
+                 load=lambda sd: fullscale.load_trainable_state(F.net, sd),
                  evaluator=evaluator, eval_process=eval_process, shape=F.ctx.shape, cond=cond, to_images=to_images)
 
 

@@ -52,7 +52,10 @@ def make_step(method, process, hp, form):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = m.original_loss(batch, ctx) if form == "original" else rsm_loss(ctx.policy, ctx.ref, m.rsm_spec(batch, ctx))
+        if form == "original":
+            loss = m.original_loss(batch, ctx)
+        else:
+            loss = rsm_loss(ctx.policy, ctx.ref, m.rsm_spec(batch, ctx))
         loss.backward()
         opt.step()
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rsmbench.harness import equivalence
 from rsmbench.core.method import get, load_all
 from rsmbench.core.rsm import rsm_loss
+from rsmbench.harness import equivalence
 
 REG = load_all()
 CASES = [(m, REG[m].processes[0]) for m in sorted(REG)]
