@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rsmbench.core.method import get  # noqa: E402
-from rsmbench.core.rsm import rsm_loss  # noqa: E402
+from rsmbench.core.method import formulation_loss, get  # noqa: E402
 from rsmbench.harness.equivalence import compare  # noqa: E402
 from rsmbench.run import fullscale as fs  # noqa: E402
-from rsmbench.run.distributed import micro_batches  # noqa: E402
+from rsmbench.run.train import row_chunks  # noqa: E402
 
 FAMILIES = {"zeroth": ("reinforce_kl", {}), "first": ("draft", {"k": 1})}
 STEPS = {"sd15": {"zeroth": 20, "first": 20}, "sd35": {"zeroth": 10, "first": 10}}
@@ -56,11 +55,8 @@ def grads_of(method, batch, ctx, formulation: str, rows_per_micro: int):
     params = ctx.policy.net.lora_parameters()
     for p in params:
         p.grad = None
-    n = max(1, len(batch.rows) // rows_per_micro)
-    for mb in micro_batches(batch, n):
-        loss = method.original_loss(mb, ctx) if formulation == "original" else \
-            rsm_loss(ctx.policy, ctx.ref, method.rsm_spec(mb, ctx))
-        (loss / n).backward()
+    for mb, share in row_chunks(batch, rows_per_micro):  # the training loop's gradient accumulation
+        (formulation_loss(method, formulation, mb, ctx) * share).backward()
     return torch.cat([p.grad.reshape(-1).float() for p in params])
 
 

@@ -1,4 +1,4 @@
-"""Gradient accumulation over row chunks (``train.micro_rows``, full-scale profiles, DDP micro-batches)
+"""Gradient accumulation over row chunks (``train.micro_rows``; with N processes each holds a chunk)
 must give the whole batch's gradient: per-row data (``Batch.row_data``) is split with the rows and every
 loss is a mean over rows. float64; tolerance 1e-12 relative (norm-wise max), both formulations."""
 import pytest
@@ -7,7 +7,6 @@ import torch
 from rsmbench.core import method as registry
 from rsmbench.core import rsm
 from rsmbench.harness import equivalence as E
-from rsmbench.run.distributed import micro_batches
 from rsmbench.run.train import row_chunks
 
 CASES = [(mid, kind) for mid, m in sorted(registry.load_all().items()) for kind in m.processes]
@@ -34,12 +33,14 @@ def test_row_chunks_accumulate_to_the_batch_gradient(mid, kind, formulation):
     assert ((g_full - g_chunked).abs().max() / g_full.abs().max()).item() < 1e-12
 
 
-def test_micro_batches_split_per_row_data():
+def test_row_chunks_split_per_row_data():
     m = registry.get("adjoint_matching")
     ctx = E.build_context(m, "flow")
     batch = E.collect(m, ctx)
-    parts = micro_batches(batch, 4)
-    assert [len(p.rows) for p in parts] == [len(batch.rows) // 4] * 4
+    R = len(batch.rows)
+    parts = [mb for mb, _ in row_chunks(batch, R // 4)]
+    assert [len(p.rows) for p in parts] == [R // 4] * 4
+    assert [f for _, f in row_chunks(batch, R // 4, total_rows=2 * R)] == [1 / 8] * 4  # a share of N processes
     for p in parts:
         assert len(p.row_data["lean_adjoint_next"]) == len(p.rows)
     assert torch.equal(torch.cat([p.row_data["lean_adjoint_next"] for p in parts]),

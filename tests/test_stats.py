@@ -45,7 +45,7 @@ def test_frechet_nuclear_norm_form_equals_sqrtm_formula():
     import torch
     from scipy import linalg
 
-    from rsmbench.run.train import frechet
+    from rsmbench.run.evaluate import frechet
 
     rng = np.random.default_rng(1)
     for n1, n2, d in ((40, 30, 5), (20, 25, 64)):  # n > d and n < d

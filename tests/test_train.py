@@ -2,15 +2,18 @@
 import torch
 
 from rsmbench.run import tasks
-from rsmbench.run.train import frechet, run_config, train_run
+from rsmbench.run.evaluate import frechet
+from rsmbench.run.runspec import eval_spec, run_spec
+from rsmbench.run.setup import tiny_evaluator
+from rsmbench.run.train import train_run
 from tests.bench_helpers import tiny_overrides
 
 
 def _run(tmp_path, formulation="rsm", method="reinforce_kl", seed=0):
     cfg = tasks.load("gmm", tiny_overrides(tmp_path, iterations=4))
-    rc = run_config(cfg, method, formulation, "flow", seed)
+    rc = run_spec(cfg, method, formulation, "flow", seed)
     logs = []
-    res = train_run(rc, cfg, lambda m, s: logs.append((s, m)))
+    res = train_run(rc, lambda m, s: logs.append((s, m)))
     return res, logs
 
 
@@ -48,12 +51,13 @@ def test_evaluator_is_shared_and_iteration_zero_reuses_the_base_samples(tmp_path
     """The runs of one process share the evaluator (base samples computed once); at iteration 0 θ is
     the base model, so its eval equals evaluating the base policy afresh, bit for bit."""
     from rsmbench.core.models import Policy
-    from rsmbench.run.train import tiny_evaluator
 
     cfg = tasks.load("gmm", tiny_overrides(tmp_path))
-    ev = tiny_evaluator(cfg, "flow")
-    assert tiny_evaluator(cfg, "flow") is ev
-    assert tiny_evaluator(tasks.load("gmm", tiny_overrides(tmp_path) + ["eval.seed_start=7"]), "flow") is not ev
+    ev = tiny_evaluator(eval_spec(cfg, "flow"))
+    assert tiny_evaluator(eval_spec(cfg, "flow")) is ev
+    assert tiny_evaluator(run_spec(cfg, "grpo", "rsm", "flow", 3)) is ev  # every run spec of the task contains it
+    other = tasks.load("gmm", tiny_overrides(tmp_path) + ["eval.seed_start=7"])
+    assert tiny_evaluator(eval_spec(other, "flow")) is not ev
     fresh, x_fresh = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale))
     reused, x_reused = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale), at_base=True)
     assert torch.equal(x_fresh, x_reused) and fresh == reused and reused["eval/kl_ref"] == 0.0

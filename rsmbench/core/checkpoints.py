@@ -41,16 +41,26 @@ def save_checkpoint(net: torch.nn.Module, path, config: dict) -> str:
     return digest
 
 
-def load_checkpoint(path, task: str | None = None):
-    """(net, config) from a checkpoint written by ``save_checkpoint``, after checking its hash."""
-    path = Path(path)
+def _sidecar(path: Path, task: str | None) -> dict:
     fix = f"run `rsmbench pretrain --task {task}`" if task else "run `rsmbench pretrain --task NAME`"
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
         raise CheckpointError(f"missing base checkpoint {path} (or its .json); {fix}")
-    meta = json.loads(meta_path.read_text())
+    return json.loads(meta_path.read_text())
+
+
+def checkpoint_sha256(path, task: str | None = None) -> str:
+    """The sha256 a checkpoint's sidecar records (cheap: the file is hashed on load)."""
+    return _sidecar(Path(path), task)["sha256"]
+
+
+def load_checkpoint(path, task: str | None = None):
+    """(net, config) from a checkpoint written by ``save_checkpoint``, after checking its hash."""
+    path = Path(path)
+    meta = _sidecar(path, task)
     if sha256(path) != meta.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} does not match the sha256 in {meta_path.name} "
+        fix = f"run `rsmbench pretrain --task {task or 'NAME'}`"
+        raise CheckpointError(f"checkpoint {path} does not match the sha256 in {path.with_suffix('.json').name} "
                               f"(corrupt or edited); {fix}")
     cfg = meta["config"]
     net = build_net(cfg["arch"], cfg["prediction"], dtype=torch.float32, **cfg["net"])

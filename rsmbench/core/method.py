@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 import methods
+from rsmbench.core import design, rsm
 from rsmbench.core.models import Policy
 from rsmbench.core.rollout import Rollout, Transitions, generators, sample
 
@@ -96,6 +97,21 @@ class Method:
 
     def rsm_spec(self, batch: Batch, ctx: Context):
         raise NotImplementedError
+
+
+FORMULATIONS = ("rsm", "original")
+
+
+def formulation_loss(m: Method, formulation: str, batch: Batch, ctx: Context) -> torch.Tensor:
+    """The training loss of method `m` in one of its two formulations: its authors' ``original_loss``,
+    or the one RSM loss of its ``rsm_spec`` (with the design-space knobs of ``rsmbench.core.design``,
+    which act on the RSM instance only). The training loop, the multi-process path, the equivalence
+    harness and the GPU check all call this."""
+    if formulation == "original":
+        return m.original_loss(batch, ctx)
+    if formulation == "rsm":
+        return rsm.rsm_loss(ctx.policy, ctx.ref, design.apply(m.rsm_spec(batch, ctx), ctx.process, ctx.hp))
+    raise ValueError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)}")
 
 
 def _dtype(ctx: Context):

@@ -22,6 +22,7 @@ At the end: a summary table (mean ± 95% t-interval over seeds) on stdout and in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,8 +39,10 @@ from tqdm import tqdm
 from rsmbench.core import method as registry
 from rsmbench.core.checkpoints import load_checkpoint
 from rsmbench.errors import UserError
-from rsmbench.run import fullscale, tasks, tracking
-from rsmbench.run.train import NonFiniteError, run_config, shared_reward, tiny_evaluator, train_run
+from rsmbench.run import distributed, fullscale, tasks, tracking
+from rsmbench.run.runspec import config_hash, eval_spec, run_name, run_spec
+from rsmbench.run.setup import shared_reward, tiny_evaluator
+from rsmbench.run.train import NonFiniteError, train_run
 
 FORMULATION_CHOICES = ("rsm", "original", "both")
 
@@ -110,7 +113,7 @@ def plan(args):
     cfg = tasks.load(args.task, args.overrides, args.profile)
     if args.profile != "tiny":  # weights first: a missing one is one line, before anything is loaded
         check_full_scale(cfg)
-    reward = shared_reward(cfg)
+    reward = shared_reward(cfg.reward)
     formulation = args.formulation or cfg.bench.get("formulation", "both")
     if formulation not in FORMULATION_CHOICES:
         raise UserError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATION_CHOICES)}")
@@ -133,43 +136,52 @@ def plan(args):
     for k in kinds if cfg.profile == "tiny" else ():  # full scale: the SD model was checked above
         if any(k in reg[i].processes for i in ids):
             load_checkpoint(tasks.resolve_path(cfg.processes[k].model.checkpoint), task=cfg.name)
-    runs = [run_config(cfg, i, f, k, s, args.budget)
+    runs = [run_spec(cfg, i, f, k, s, args.budget)
             for i in ids for k in kinds if k in reg[i].processes for f in forms for s in range(seeds)]
     return cfg, runs
 
 
 # ---- execution -------------------------------------------------------------------------------------------
-def run_name(rc: dict) -> str:
-    return f"{rc['method']}-{rc['formulation']}-{rc['process']}-s{rc['seed']}"
+def execute(runs, progress: bool = True, log=print, retry_failed: bool = False, dist=None) -> list[dict]:
+    """Run (or skip, or resume) every planned run (specs); returns one record per run.
 
-
-def execute(cfg, runs, progress: bool = True, log=print, retry_failed: bool = False) -> list[dict]:
-    """Run (or skip, or resume) every planned run; returns one record per run."""
-    tracker = tracking.Tracker()
-    exp = tracker.experiment(str(cfg.name))
-    env_tags = tracking.environment_tags()
+    Under a multi-process launch (``dist``: ``distributed.Multi``) every rank walks the same plan: rank
+    0 holds the run locks and the MLflow store and tells the others (broadcast) which runs to train;
+    all ranks train each of those runs together (``train.train_run``)."""
+    dist = dist or distributed.Single()
+    log = log if dist.is_main else (lambda *a, **k: None)
+    tracker = tracking.Tracker() if dist.is_main else None
+    env_tags = tracking.environment_tags() if dist.is_main else {}
     root = tracking.results_root()
-    bar = _bar(len(runs), progress)
+    bar = _bar(len(runs), progress and dist.is_main)
     records, deferred = [], list(runs)
     for blocking in (False, True):  # first pass skips runs another process holds; second waits for them
         todo, deferred = deferred, []
         for rc in todo:
-            chash = tracking.config_hash(rc)
-            with tracking.file_lock(root / "locks" / f"{chash}.lock", blocking=blocking) as got:
-                if not got:
+            chash = config_hash(rc)
+            lock = tracking.file_lock(root / "locks" / f"{chash}.lock", blocking=blocking) if dist.is_main \
+                else contextlib.nullcontext(True)
+            with lock as got:
+                if not dist.broadcast(got):
                     deferred.append(rc)
                     continue
-                rec = _one(cfg, tracker, exp, rc, chash, env_tags, root, bar, log, retry_failed)
+                rec = _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed) if dist.is_main else None
+                rec = dist.broadcast(rec)
+                if rec["status"] in ("new", "resumed"):
+                    _train(tracker, rec, root / "runs" / chash, bar, log, dist)
                 records.append(rec)
                 bar.update(1)
     bar.close()
-    order = {tracking.config_hash(rc): k for k, rc in enumerate(runs)}
+    order = {config_hash(rc): k for k, rc in enumerate(runs)}
     return sorted(records, key=lambda r: order[r["config_hash"]])
 
 
-def _one(cfg, tracker, exp, rc, chash, env_tags, root, bar, log, retry_failed=False) -> dict:
+def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False) -> dict:
+    """Rank 0: the record of a planned run: skipped (FINISHED before), failed (stopped on a NaN before,
+    not retried), resumed (its MLflow run reopened) or new (an MLflow run created, its spec logged)."""
     name = run_name(rc)
     rec = {"config_hash": chash, "rc": rc, "name": name}
+    exp = tracker.experiment(rc["task"])
     prev = tracker.find_run(exp, chash)
     if prev is not None and prev.info.status == "FINISHED":
         rec.update(run_id=prev.info.run_id, status="skipped")
@@ -183,22 +195,28 @@ def _one(cfg, tracker, exp, rc, chash, env_tags, root, bar, log, retry_failed=Fa
     m = registry.get(rc["method"])
     ckpt = root / "runs" / chash
     if prev is not None:
-        run_id = prev.info.run_id
-        tracker.reopen(run_id, clear_tags=[t for t in ("error", "traceback", "nonfinite") if t in prev.data.tags])
-        rec["status"] = "resumed"
-    else:
-        tags = {"config_hash": chash, "method": rc["method"], "formulation": rc["formulation"],
-                "process": rc["process"], "seed": rc["seed"], "profile": rc["profile"], "task": rc["task"],
-                "method_family": f"{m.order}-order", "table1": m.table1 or "", "equivalence_kind": m.kind,
-                "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], **env_tags}
-        run_id = tracker.create_run(exp, name, tags)
-        tracker.log_params(run_id, tracking.flatten(rc))
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / "config.json").write_text(json.dumps(rc, indent=1, sort_keys=True, default=str))
-        tracker.log_artifact(run_id, ckpt / "config.json")
-        rec["status"] = "new"
-    rec["run_id"] = run_id
-    last = {"step": tracker.last_step(run_id, "iteration")}
+        rec.update(run_id=prev.info.run_id, status="resumed")
+        tracker.reopen(prev.info.run_id,
+                       clear_tags=[t for t in ("error", "traceback", "nonfinite") if t in prev.data.tags])
+        return rec
+    tags = {"config_hash": chash, "method": rc["method"], "formulation": rc["formulation"],
+            "process": rc["process"], "seed": rc["seed"], "profile": rc["profile"], "task": rc["task"],
+            "method_family": f"{m.order}-order", "table1": m.table1 or "", "equivalence_kind": m.kind,
+            "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], **env_tags}
+    run_id = tracker.create_run(exp, name, tags)
+    tracker.log_params(run_id, tracking.flatten(rc))
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "config.json").write_text(json.dumps(rc, indent=1, sort_keys=True, default=str))
+    tracker.log_artifact(run_id, ckpt / "config.json")
+    rec.update(run_id=run_id, status="new")
+    return rec
+
+
+def _train(tracker, rec, ckpt, bar, log, dist) -> None:
+    """Train a new or resumed run to its budget (every rank); rank 0 logs and closes its MLflow run.
+    A failure is recorded in ``rec`` (status failed, error) and does not stop the bench."""
+    rc, run_id, name = rec["rc"], rec["run_id"], rec["name"]
+    last = {"step": tracker.last_step(run_id, "iteration") if dist.is_main else 0}
 
     def log_metrics(metrics, step):
         if step > last["step"]:
@@ -209,26 +227,29 @@ def _one(cfg, tracker, exp, rc, chash, env_tags, root, bar, log, retry_failed=Fa
         bar.set_postfix_str(f"{name} it {it} r {metrics['train/reward_mean']:.3f} "
                             f"q {int(metrics['train/reward_queries'])}/{rc['budget']['reward_queries']}")
 
+    def log_artifact(path):
+        tracker.log_artifact(run_id, path, "samples")
+
     try:
-        res = train_run(rc, cfg, log_metrics, lambda p: tracker.log_artifact(run_id, p, "samples"),
-                        ckpt, on_iteration)
+        res = train_run(rc, log_metrics, log_artifact, ckpt, on_iteration, dist=dist)
     except NonFiniteError as e:
-        msg = f"{name}: {e}"
-        log(f"FAILED {msg}", file=sys.stderr)
-        tracker.set_tags(run_id, {"error": str(e), "nonfinite": "true"})
-        tracker.finish(run_id, "FAILED")
+        log(f"FAILED {name}: {e}", file=sys.stderr)
+        if dist.is_main:
+            tracker.set_tags(run_id, {"error": str(e), "nonfinite": "true"})
+            tracker.finish(run_id, "FAILED")
         rec.update(status="failed", error=str(e))
-        return rec
+        return
     except Exception as e:  # noqa: BLE001 - one broken method must not stop the bench
         line = f"{type(e).__name__}: {e}".splitlines()[0]
         log(f"FAILED {name}: {line}", file=sys.stderr)
-        tracker.set_tags(run_id, {"error": line[:5000], "traceback": traceback.format_exc()[-5000:]})
-        tracker.finish(run_id, "FAILED")
+        if dist.is_main:
+            tracker.set_tags(run_id, {"error": line[:5000], "traceback": traceback.format_exc()[-5000:]})
+            tracker.finish(run_id, "FAILED")
         rec.update(status="failed", error=line)
-        return rec
-    tracker.finish(run_id, "FINISHED")
+        return
+    if dist.is_main:
+        tracker.finish(run_id, "FINISHED")
     rec["iterations"] = res.iterations
-    return rec
 
 
 class _NoBar:
@@ -323,7 +344,7 @@ def base_line(cfg) -> str:
     for kind in cfg.bench.processes:
         if kind not in cfg.processes:
             continue
-        ev = tiny_evaluator(cfg, kind)  # the base samples the runs were evaluated against
+        ev = tiny_evaluator(eval_spec(cfg, kind))  # the base samples the runs were evaluated against
         m, _ = ev(ev.ref, at_base=True)
         out.append(f"- {kind} base model on the eval seeds: reward {m['eval/reward_mean']:.3f} "
                    f"(std {m['eval/reward_std']:.3f}), diversity {m['eval/diversity']:.3f}")
@@ -363,17 +384,21 @@ def _log(*a, file=None):
 
 
 def _run(args) -> int:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    dist = distributed.make()  # N processes under accelerate launch / torchrun, else one
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // dist.world))
     t0 = time.time()
     cfg, runs = plan(args)
-    if getattr(args, "profile_note", None):
-        _log(args.profile_note)
     if not runs:
         raise UserError(f"no method applies to task {cfg.name!r}")
-    _log(f"bench {cfg.name}: {len(runs)} runs ({len({r['method'] for r in runs})} methods), "
-         f"budget {runs[0]['budget']['reward_queries']} reward queries each; MLflow at "
-         f"{tracking.tracking_uri()}")
-    records = execute(cfg, runs, progress=not args.no_progress, log=_log, retry_failed=args.retry_failed)
+    log = _log if dist.is_main else (lambda *a, **k: None)
+    if getattr(args, "profile_note", None):
+        log(args.profile_note)
+    log(f"bench {cfg.name}: {len(runs)} runs ({len({r['method'] for r in runs})} methods), "
+        f"budget {runs[0]['budget']['reward_queries']} reward queries each"
+        f"{f', {dist.world} processes' if dist.world > 1 else ''}; MLflow at {tracking.tracking_uri()}")
+    records = execute(runs, progress=not args.no_progress, log=_log, retry_failed=args.retry_failed, dist=dist)
+    if not dist.is_main:
+        return 0
     table, _ = summarize(cfg, records)
     seconds = time.time() - t0
     report = write_report(cfg, table, records, seconds, Path(args.report_dir or Path(

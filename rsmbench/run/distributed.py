@@ -1,98 +1,131 @@
-"""Multi-GPU training through accelerate (DDP) with gradient accumulation.
+"""One training loop for 1 and N processes: what ``train.train_run`` does differently under
+``accelerate launch --num_processes N`` (or ``torchrun --nproc_per_node N``), through accelerate.
 
-The contract: with the same global batch (G samples) and the same seeds, 1 process with A
-accumulation steps, N processes with 1, and N with A give the same update. It follows from
+The contract: with the same global batch (G samples) and the same seeds, N processes give the same
+update as 1 process, up to the order of floating-point sums. It follows from
 
 - a contiguous shard of the global batch per process (``shard``), each sample with its own
   generator, so a sample's trajectory does not depend on where it is drawn (``rsmbench.core.rollout``);
-- advantages from the *gathered* rewards and prompt ids (``collect``: DDPO gathers rewards across
-  processes before its per-prompt statistics; a per-process group mean would change the update);
-- equal-size micro-batches of rows (``micro_batches``), each loss a mean over its rows, divided
-  by A (``Accelerator.backward``), and DDP's mean all-reduce over processes of the accumulated
-  LoRA gradients (synchronised at the last micro-batch only: ``Accelerator.accumulate``).
+- advantages from the *gathered* rewards and prompt ids (``collect``): DDPO gathers rewards across
+  processes before its per-prompt statistics, and a per-process group mean would change the update;
+- every loss a mean over training rows, so each chunk of a process's rows is weighted by its share
+  of the *global* row count (``train.row_chunks``), and the gradients are summed over processes
+  (``reduce_gradients``, one all-reduce of the flattened trainable gradients): Σ_p Σ_chunks
+  share·∇loss(chunk) = ∇ of the global mean, the same sum that gradient accumulation forms in one process;
+- reward queries, NFEs and the loss statistics summed over processes (``sum``), so the budget and
+  every logged number are global; rank 0 alone evaluates, checkpoints and logs to MLflow.
 
-LoRA gradients are synchronised because the backbone itself (with its peft adapter, the only
-parameters that require grad) is wrapped in DDP and ``LatentNet`` calls it through that wrapper;
-the reference (adapter off) and behaviour (snapshot) views call the bare backbone, so they never
-trigger a reduction. This is the multi-GPU LoRA pitfall of ddpo-pytorch #10 / diffusers #4046
-(anchors §2 item 2), checked by ``tests/test_ddp.py`` on two CPU processes (gloo).
+Not sharded yet: methods that train on branching trees (their rewards are per leaf and their groups
+span roots) stop with a message, and a method's own cross-iteration state (a replay buffer, a learned
+value network) is kept per process.
+
+Gradients are reduced explicitly rather than through a DDP wrapper, so the tiny networks and the
+full-scale LoRA (whose reference and behaviour views share the backbone: the pitfall of
+ddpo-pytorch #10 / diffusers #4046) take the same path.
 """
 from __future__ import annotations
 
+import os
+
 import torch
-from accelerate import Accelerator
 
 from rsmbench.core.method import Batch
-from rsmbench.core.rsm import rsm_loss
 
 
-def make_accelerator(grad_accum: int = 1, cpu: bool = False, mixed_precision: str = "no"):
-    """An ``accelerate.Accelerator``; launched with ``accelerate launch --num_processes N`` it runs DDP."""
-    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu, mixed_precision=mixed_precision)
+def launched() -> bool:
+    """True under a multi-process launcher (accelerate launch, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def prepare(full, optimizer, accelerator):
-    """Wrap the backbone of a ``fullscale.FullScale`` in DDP (when distributed) and the optimizer.
-    Returns the prepared optimizer; ``full.net`` now calls the wrapped backbone."""
-    wrapped = accelerator.prepare_model(full.net.backbone)
-    object.__setattr__(full.net, "runner", wrapped)
-    full.extra["ddp_model"] = wrapped
-    return accelerator.prepare_optimizer(optimizer)
+class Single:
+    """One process: every collective is the identity (the loop's default)."""
+
+    world, rank, is_main = 1, 0, True
+
+    def shard(self, n_global: int) -> slice:
+        return slice(0, n_global)
+
+    def collect(self, method, ctx, cond, seeds) -> tuple[Batch, torch.Tensor]:
+        """(batch, the rewards of the whole batch): ``collect`` then ``prepare``."""
+        batch = method.collect(ctx, cond, seeds)
+        method.prepare(batch, ctx)
+        return batch, batch.rewards
+
+    def sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def reduce_gradients(self, params) -> None:
+        pass
+
+    def broadcast(self, obj):
+        return obj
+
+    def barrier(self) -> None:
+        pass
 
 
-def shard(n_global: int, accelerator) -> slice:
-    """This process's contiguous slice of a global batch of n_global samples (must divide evenly)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if n_global % world:
-        raise ValueError(f"global batch {n_global} is not divisible by {world} processes")
-    k = n_global // world
-    return slice(rank * k, (rank + 1) * k)
+class Multi(Single):
+    """N processes of one accelerate ``Accelerator`` (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, accelerator=None, cpu: bool | None = None):
+        from accelerate import Accelerator  # lazy: multi-process runs only
+
+        cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+        self.acc = accelerator or Accelerator(cpu=cpu)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.is_main = self.acc.is_main_process
+
+    def shard(self, n_global: int) -> slice:
+        """This process's contiguous slice of a global batch of n_global samples (must divide evenly)."""
+        if n_global % self.world:
+            raise ValueError(f"global batch {n_global} is not divisible by {self.world} processes")
+        k = n_global // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def collect(self, method, ctx, cond, seeds) -> tuple[Batch, torch.Tensor]:
+        """(this process's batch, the gathered rewards): collect this process's shard (cond, seeds:
+        global), then ``prepare`` on the gathered rewards and prompt ids, keeping this shard's rows of
+        every per-sample extra (tensors whose first dimension is the global batch size)."""
+        sl = self.shard(len(seeds))
+        local_cond = None if cond is None else cond[sl]
+        batch = method.collect(ctx, local_cond, list(seeds)[sl])
+        if "tree" in batch.extras:  # tree rewards are per leaf and their groups span roots: not sharded yet
+            raise NotImplementedError(f"{method.id} trains on branching trees, which run on one process only; "
+                                      "run it without a multi-process launcher")
+        dev = self.acc.device  # NCCL gathers device tensors; a black-box reward may return CPU ones
+        rewards = self.acc.gather(batch.rewards.to(dev).contiguous()).to(batch.rewards.device)
+        g_cond = None if cond is None else self.acc.gather(local_cond.to(dev).contiguous()).to(local_cond.device)
+        view = Batch(rollout=batch.rollout, rows=batch.rows, rewards=rewards, cond=g_cond, extras=batch.extras,
+                     row_data=batch.row_data)
+        method.prepare(view, ctx)
+        G, n_local = len(seeds), sl.stop - sl.start
+        for k, v in view.extras.items():
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == G and G != n_local:
+                view.extras[k] = v[sl]
+        batch.extras, batch.rows, batch.row_data = view.extras, view.rows, view.row_data  # prepare may re-select
+        return batch, rewards
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return self.acc.reduce(t, reduction="sum").cpu().tolist()
+
+    def reduce_gradients(self, params) -> None:
+        """Sum the gradients of `params` over processes (one all-reduce of the flattened tensor)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (a picklable object)."""
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
 
 
-def collect(method, ctx, cond: torch.Tensor, seeds, accelerator) -> Batch:
-    """Collect this process's shard of the global batch (cond, seeds: global), then compute the
-    method's ``prepare`` on the gathered rewards and prompt ids, and keep this shard's rows of every
-    per-sample extra (tensors whose first dimension is the global batch size)."""
-    sl = shard(len(seeds), accelerator)
-    local_cond = None if cond is None else cond[sl]
-    batch = method.collect(ctx, local_cond, list(seeds)[sl])
-    dev = accelerator.device  # NCCL gathers device tensors; a black-box reward may return CPU ones
-    rewards = accelerator.gather(batch.rewards.to(dev).contiguous())
-    g_cond = None if cond is None else accelerator.gather(local_cond.to(dev).contiguous()).to(local_cond.device)
-    view = Batch(rollout=batch.rollout, rows=batch.rows, rewards=rewards.to(batch.rewards.device), cond=g_cond,
-                 extras=batch.extras)
-    method.prepare(view, ctx)
-    G = len(seeds)
-    for k, v in view.extras.items():
-        if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == G and G != sl.stop - sl.start:
-            view.extras[k] = v[sl]
-    batch.extras, batch.rows, batch.row_data = view.extras, view.rows, view.row_data  # prepare may re-select rows
-    return batch
-
-
-def micro_batches(batch: Batch, n: int) -> list[Batch]:
-    """Split a batch's rows into n equal, contiguous micro-batches (extras and rollout shared,
-    per-row data split with the rows)."""
-    R = len(batch.rows)
-    if R % n:
-        raise ValueError(f"{R} training rows do not split into {n} equal micro-batches")
-    k = R // n
-    return [batch.select_rows(slice(j * k, (j + 1) * k)) for j in range(n)]
-
-
-def accumulate_gradients(method, ctx, batch: Batch, accelerator, model, formulation: str = "original") -> list[float]:
-    """Backward of the chosen formulation over A micro-batches (A = the accelerator's accumulation
-    steps); the gradients are all-reduced at the last one. Returns the micro-batch losses.
-    The caller steps and zeroes the (prepared) optimizer afterwards."""
-    losses = []
-    for mb in micro_batches(batch, accelerator.gradient_accumulation_steps):
-        with accelerator.accumulate(model):
-            if formulation == "original":
-                loss = method.original_loss(mb, ctx)
-            elif formulation == "rsm":
-                loss = rsm_loss(ctx.policy, ctx.ref, method.rsm_spec(mb, ctx))
-            else:
-                raise ValueError(f"formulation must be 'original' or 'rsm', got {formulation!r}")
-            accelerator.backward(loss)
-            losses.append(loss.item())
-    return losses
+def make() -> Single:
+    """The process group of this launch: ``Multi`` under a multi-process launcher, else ``Single``."""
+    return Multi() if launched() else Single()

@@ -52,7 +52,7 @@ from rsmbench.core.design import TEMPORAL
 from rsmbench.errors import CheckpointError, SweepError, UserError
 from rsmbench.run import bench, tasks, tracking
 from rsmbench.run.bench import applies
-from rsmbench.run.train import run_config as bench_run_config
+from rsmbench.run.runspec import run_spec
 
 
 @dataclass
@@ -169,7 +169,7 @@ def _task_cfg(pt: Point, cfg: dict):
 
 def run_config(pt: Point, cfg: dict):
     tc = _task_cfg(pt, cfg)
-    rc = bench_run_config(tc, pt.method, pt.formulation, pt.process, pt.seed)
+    rc = run_spec(tc, pt.method, pt.formulation, pt.process, pt.seed)
     rc["sweep"] = {"name": cfg["name"], **pt.levels}
     return tc, rc
 
@@ -190,8 +190,8 @@ def _validate(pt: Point, cfg: dict) -> tuple[str, int]:
 def run_point(pt: Point, cfg: dict, threads: int = 1) -> dict:
     """Run one point (in a worker process or a Ray task); returns its record."""
     torch.set_num_threads(max(1, threads))
-    tc, rc = run_config(pt, cfg)
-    recs = bench.execute(tc, [rc], progress=False, log=lambda *a, **k: None)
+    _, rc = run_config(pt, cfg)
+    recs = bench.execute([rc], progress=False, log=lambda *a, **k: None)
     rec = recs[0]
     if "run_id" in rec:
         tracking.Tracker().set_tags(rec["run_id"], {"sweep": cfg["name"],

@@ -118,10 +118,16 @@ def validate(cfg: DictConfig) -> None:
         raise TaskError(f"train.dtype {cfg.train.dtype!r}; choose from {', '.join(DTYPES)}")
 
 
-# ---- builders -----------------------------------------------------------------------------------
-def sample_shape(model_cfg) -> tuple:
-    net = model_cfg.net
-    if model_cfg.arch == "mlp":
+# ---- builders: from a task config, or from the plain sections of a run spec ---------------------------
+def _plain(section):
+    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+
+
+def sample_shape(model) -> tuple:
+    """One sample's shape from a ``processes.<kind>.model`` section."""
+    model = _plain(model)
+    net = model["net"]
+    if model["arch"] == "mlp":
         return (int(net.get("dim", 2)),)
     return (int(net.get("channels", 3)), int(net.get("sample_size", 16)), int(net.get("sample_size", 16)))
 
@@ -132,27 +138,41 @@ def build_process(cfg: DictConfig, kind: str):
 
 def reward_kwargs(cfg: DictConfig) -> dict:
     """The reward's keyword arguments: ``reward.cfg`` as a dict ({} when absent, null or empty)."""
-    kw = cfg.reward.get("cfg")
-    return OmegaConf.to_container(kw, resolve=True) if kw is not None else {}
+    return _plain(cfg.reward).get("cfg") or {}
 
 
-def build_reward(cfg: DictConfig):
+def make_reward(reward) -> object:
+    """The reward of a ``reward: {name, cfg}`` section."""
+    reward = _plain(reward)
     try:
-        return rewards.get(cfg.reward.name, **reward_kwargs(cfg))
+        return rewards.get(reward["name"], **(reward.get("cfg") or {}))
     except KeyError as e:
         raise TaskError(str(e).strip("'\"")) from None
 
 
+def build_reward(cfg: DictConfig):
+    return make_reward(cfg.reward)
+
+
+def base_network(model, task: str, dtype):
+    """The committed base network of a ``processes.<kind>.model`` section (hash-checked), in `dtype`."""
+    net, _ = load_checkpoint(resolve_path(_plain(model)["checkpoint"]), task=task)
+    return net.to(dtype)
+
+
 def load_base(cfg: DictConfig, kind: str, dtype=None):
     """The committed base network of process `kind` (hash-checked), in the training dtype."""
-    model = cfg.processes[kind].model
-    net, _ = load_checkpoint(resolve_path(model.checkpoint), task=cfg.name)
-    return net.to(dtype or DTYPES[cfg.train.dtype])
+    return base_network(cfg.processes[kind].model, cfg.name, dtype or DTYPES[cfg.train.dtype])
+
+
+def exact_optimum(data, reward, alpha):
+    """The exact optimum of a Gaussian-mixture task from its ``data:`` section (None for other tasks)."""
+    data = _plain(data)
+    if data is None or data.get("source") != "gmm" or not hasattr(reward, "tilt"):
+        return None
+    return gmm.GroundTruth(gmm.MixtureData(**data["cfg"]).mixture, reward, float(alpha))
 
 
 def ground_truth(cfg: DictConfig, reward):
     """Exact optimum of a Gaussian-mixture task (None for tasks without one)."""
-    if cfg.get("data") is None or cfg.data.source != "gmm" or not hasattr(reward, "tilt"):
-        return None
-    data = gmm.MixtureData(**OmegaConf.to_container(cfg.data.cfg, resolve=True))
-    return gmm.GroundTruth(data.mixture, reward, float(cfg.alpha))
+    return exact_optimum(cfg.get("data"), reward, cfg.get("alpha"))

@@ -12,7 +12,6 @@ with an exclusive per-config file lock (``claim``) so two bench processes never 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -63,10 +62,6 @@ def file_lock(path: Path, blocking: bool = True):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
