@@ -388,11 +388,11 @@ def _run(args) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // dist.world))
     t0 = time.time()
     cfg, runs = plan(args)
-    if not runs:
-        raise UserError(f"no method applies to task {cfg.name!r}")
     log = _log if dist.is_main else (lambda *a, **k: None)
     if getattr(args, "profile_note", None):
         log(args.profile_note)
+    if not runs:
+        raise UserError(f"no method applies to task {cfg.name!r}")
     log(f"bench {cfg.name}: {len(runs)} runs ({len({r['method'] for r in runs})} methods), "
         f"budget {runs[0]['budget']['reward_queries']} reward queries each"
         f"{f', {dist.world} processes' if dist.world > 1 else ''}; MLflow at {tracking.tracking_uri()}")
