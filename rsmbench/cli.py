@@ -7,9 +7,10 @@ import logging
 import sys
 
 from rsmbench.analysis import report
+from rsmbench.commands import bench, tune
 from rsmbench.errors import UserError
 from rsmbench.harness import equivalence
-from rsmbench.run import bench, pretrain, sweep
+from rsmbench.run import pretrain, sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 # Each module that owns a subcommand exposes ``add_parser(sub)``, which sets ``run=`` to a
 # function(args) -> exit code; it is listed here.
-SUBCOMMANDS = [equivalence, pretrain, bench, sweep, report]
+SUBCOMMANDS = [equivalence, pretrain, bench, tune, sweep, report]
 
 
 def main(argv=None) -> int:

@@ -15,5 +15,5 @@ def tiny_overrides(tmp_path, iterations: int = 6, batch: int = 8) -> list[str]:
                                      {"arch": "mlp", "prediction": pred, "net": NET, "task": "gmm"})
         out.append(f"processes.{kind}.model.checkpoint={path}")
     return out + [f"budget.reward_queries={iterations * batch}", f"train.batch_per_prompt={batch}",
-                  "eval.num_samples=32", "eval.jstar_samples=0", "eval.every=3", "bench.processes=[flow]",
+                  "eval.num_samples=32", "eval.jstar_samples=0", "eval.points=2", "bench.processes=[flow]",
                   "train.checkpoint_every=1"]

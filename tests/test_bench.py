@@ -9,15 +9,16 @@ from mlflow.tracking import MlflowClient
 
 import rewards
 from rsmbench.cli import main
-from rsmbench.run import tracking
+from rsmbench.run import budget, tracking
 from tests.bench_helpers import tiny_overrides
 
 METHODS = "reinforce_kl,grpo"
 
 
-def _bench(tmp_path, *extra, methods=METHODS, formulation="rsm"):
+def _bench(tmp_path, *extra, methods=METHODS, formulation="rsm", workers=1):
     return main(["bench", "--task", "gmm", "--methods", methods, "--seeds", "1", "--formulation", formulation,
-                 "--no-progress", "--report-dir", str(tmp_path / "report"), *tiny_overrides(tmp_path), *extra])
+                 "--workers", str(workers), "--no-progress", "--report-dir", str(tmp_path / "report"),
+                 *tiny_overrides(tmp_path), *extra])
 
 
 def _runs():
@@ -56,8 +57,8 @@ def test_two_methods_log_everything_then_skip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reinforce_kl" in out and "J-gap" in out
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert summary.count("| rsm |") == 2
-    assert "- flow base model on the eval seeds: reward " in summary and "base gap J* − J_ref = " in summary
+    assert "| grpo (rsm, flow) | 1 | 48 (48) |" in summary and "| reinforce_kl (rsm, flow) | 1 | 48 (48) |" in summary
+    assert "- flow base model (iteration 0 of every run): reward " in summary and "3.768 (exact mixture)" in summary
     before = {r.info.run_id: _steps(c, r.info.run_id) for r in runs}
     assert _bench(tmp_path) == 0  # second invocation: nothing re-run
     c, runs2 = _runs()
@@ -121,9 +122,24 @@ class _NaNOnThirdCall:
         return x
 
 
-def test_nan_reward_fails_that_run_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+def _count_from_training(monkeypatch, cls):
+    """The budget planner probes each method's cost with the reward: count the reward's calls from
+    the first training run on (reset after every plan)."""
+    real = budget.plan
+
+    def plan(*a, **k):
+        out = real(*a, **k)
+        cls.calls = 0
+        return out
+
+    monkeypatch.setattr(budget, "plan", plan)
+    return real
+
+
+def test_nan_reward_stops_that_run_as_diverged_and_the_others_go_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(rewards.REWARDS, "test_nan", _NaNOnThirdCall)
-    assert _bench(tmp_path, "reward.name=test_nan") == 1
+    real_plan = _count_from_training(monkeypatch, _NaNOnThirdCall)
+    assert _bench(tmp_path, "reward.name=test_nan") == 0  # a divergence is a result, not an error
     err = capsys.readouterr().err
     assert "reward is NaN at iteration 2" in err
     c, runs = _runs()
@@ -131,17 +147,42 @@ def test_nan_reward_fails_that_run_and_the_others_go_on(tmp_path, monkeypatch, c
     assert status == {"grpo": "FINISHED", "reinforce_kl": "FAILED"} or \
         status == {"grpo": "FAILED", "reinforce_kl": "FINISHED"}
     failed = [r for r in runs if r.info.status == "FAILED"][0]
-    assert "NaN" in failed.data.tags["error"] and failed.data.tags["nonfinite"] == "true"
-    # a re-run reports the seeded failure without re-running it (the run is untouched)
-    assert _bench(tmp_path, "reward.name=test_nan") == 1
+    assert "NaN" in failed.data.tags["error"] and failed.data.tags["diverged"] == "2"
+    assert _steps(c, failed.info.run_id) == [0, 1]  # the history up to the last sane iteration is kept
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "diverged at iteration 2 (1 of 1 seeds)" in summary
+    # a re-run reports the seeded divergence without re-running it (the run is untouched)
+    assert _bench(tmp_path, "reward.name=test_nan") == 0
     assert "not re-run; --retry-failed re-runs it" in capsys.readouterr().err
     c, runs1 = _runs()
     assert len(runs1) == 2 and c.get_run(failed.info.run_id).info.end_time == failed.info.end_time
     # --retry-failed resumes it into the same run (here it succeeds: the reward's NaN was its 3rd call)
-    assert main(["bench", "--task", "gmm", "--methods", failed.data.tags["method"], "--seeds", "1",
+    monkeypatch.setattr(budget, "plan", real_plan)
+    _NaNOnThirdCall.calls = 3  # that call is spent
+    assert main(["bench", "--task", "gmm", "--methods", failed.data.tags["method"], "--seeds", "1", "--workers", "1",
                  "--formulation", "rsm", "--no-progress", "--retry-failed", "--report-dir", str(tmp_path / "report"),
                  *tiny_overrides(tmp_path), "reward.name=test_nan"]) == 0
     c, runs2 = _runs()
     again = c.get_run(failed.info.run_id)
     assert len(runs2) == 2 and again.info.status == "FINISHED"
-    assert "nonfinite" not in again.data.tags and "error" not in again.data.tags
+    assert "diverged" not in again.data.tags and "error" not in again.data.tags
+
+
+class _Unbounded(_NaNOnThirdCall):
+    """Sane for three calls (the iteration-0 eval, iterations 1 and 2), then 1000× larger."""
+
+    def __call__(self, x, cond=None):
+        type(self).calls += 1
+        r = -0.5 * x[:, 0] + 3.0
+        return r * 1000.0 if type(self).calls >= 4 else r
+
+
+def test_reward_out_of_range_is_diverged_at_that_iteration_never_a_number(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(rewards.REWARDS, "test_unbounded", _Unbounded)
+    _count_from_training(monkeypatch, _Unbounded)
+    assert _bench(tmp_path, "reward.name=test_unbounded", methods="reinforce_kl") == 0
+    assert "left the task's range of reward at iteration 3" in capsys.readouterr().err
+    c, runs = _runs()
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["diverged"] == "3"
+    row = [ln for ln in (tmp_path / "report" / "summary.md").read_text().splitlines() if "reinforce_kl" in ln][0]
+    assert "diverged at iteration 3" in row and "**" not in row and "3000" not in row and "e+" not in row

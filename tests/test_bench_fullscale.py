@@ -16,13 +16,14 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from rsmbench.cli import main
+from rsmbench.core import method as registry
 from rsmbench.run import bench
 from rsmbench.run import fullscale as fs
 
 # 2 prompts × 2 samples per iteration, 2 steps at 8 px (4×4 latents), 2 iterations, evals at 0 and 2
 TINY = ["fullscale.resolution=8", "fullscale.num_steps=2", "fullscale.eval_steps=2", "fullscale.precision=fp32",
         "fullscale.device=cpu", "prompts.per_iteration=2", "train.batch_per_prompt=2", "budget.reward_queries=8",
-        "eval.every=2", "eval.num_samples=4", "train.micro_rows=3"]
+        "eval.points=1", "eval.num_samples=4", "train.micro_rows=3"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,8 @@ def test_auto_profile_tiny_without_weights(no_cached_sd):
     note = args.profile_note
     assert len(note.splitlines()) == 1 and note.startswith("profile: tiny (sd15 weights not found: ")
     assert "rsmbench-test/absent-sd15" in note and note.endswith("pass --profile sd15 model=PATH to use them)")
-    assert {r["process"] for r in runs} == set(cfg.bench.processes)  # the tiny task's benched processes
+    m = registry.get("reinforce_kl")
+    assert {r["process"] for r in runs} == set(bench.processes(m, cfg))  # the method's benched processes
     gmm = _args(task="gmm")
     bench.plan(gmm)
     assert gmm.profile == "tiny" and gmm.profile_note == "profile: tiny (task 'gmm' has no full-scale profile)"

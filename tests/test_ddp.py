@@ -63,7 +63,7 @@ def test_bench_on_two_processes_logs_what_one_process_with_accumulation_logs(tmp
     one, _ = _bench(tmp_path, "one", 1, extra)
     two, res = _bench(tmp_path, "two", 2, extra)
     assert "2 processes" in res.stdout and res.stdout.count("summary written to") == 1  # rank 0 alone reports
-    assert set(one) == set(two) == {"reinforce_kl-rsm-flow-s0", "grpo-rsm-flow-s0"}
+    assert set(one) == set(two) == {"reinforce_kl-original-flow-s0", "grpo-original-flow-s0"}
     for run in one:
         assert set(one[run]) == set(two[run])
         assert len(one[run]["train/loss"]) == 4 and len(one[run]["eval/reward_mean"]) == 3
@@ -73,7 +73,7 @@ def test_bench_on_two_processes_logs_what_one_process_with_accumulation_logs(tmp
             for (_, a), (_, b) in zip(series, other):
                 assert abs(a - b) <= 1e-6 * max(abs(a), abs(b)) + 1e-9, (run, key, a, b)
     # the budget is counted over both processes: 4 iterations × 8 samples
-    assert [v for _, v in two["grpo-rsm-flow-s0"]["train/reward_queries"]] == [8.0, 16.0, 24.0, 32.0]
+    assert [v for _, v in two["grpo-original-flow-s0"]["train/reward_queries"]] == [8.0, 16.0, 24.0, 32.0]
 
 
 # ---- (2) LoRA gradients of a full-scale-shaped pipeline --------------------------------------------------

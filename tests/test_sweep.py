@@ -6,7 +6,7 @@ import pytest
 from rsmbench.cli import main
 from rsmbench.run import sweep, tracking
 
-FAST = ["budget.reward_queries=64", "train.batch_per_prompt=32", "eval.num_samples=64", "eval.every=1000"]
+FAST = ["budget.reward_queries=64", "train.batch_per_prompt=32", "eval.num_samples=64", "eval.points=1"]
 
 
 def _write(tmp_path, body: str):

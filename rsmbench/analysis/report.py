@@ -167,7 +167,7 @@ def results_table(runs: pd.DataFrame, task: str) -> tuple[pd.DataFrame, dict, pd
             if len(v) == 0:
                 nrow[name], drow[name] = np.nan, "–"
                 continue
-            point, lo, hi = stats.bootstrap_ci(v, n_resamples=2000, seed=0)
+            point, lo, hi = stats.interval(v, "mean")
             nrow[name] = point
             iqm = f" (IQM {_fmt(stats.iqm(v))})" if name == "reward" else ""
             drow[name] = f"{_fmt(point)} [{_fmt(lo)}, {_fmt(hi)}]" + iqm

@@ -1,77 +1,60 @@
-"""`rsmbench bench`: run the selected methods on a task, log every run to MLflow, summarise.
+"""The bench runner: plan every run of a method comparison on a task, then run (or skip, or resume)
+them, each into its own MLflow run. The command (``rsmbench bench``) is ``rsmbench.commands.bench``.
 
-    rsmbench bench --task NAME [--profile tiny|sd15|sd35] [--methods ID,...|all]
-                   [--formulation rsm|original|both] [--seeds N] [--budget matched|published]
-                   [key=value ...]
+A run is method × formulation × process × seed. By default each method runs on the process(es) its
+authors' main experiment used (``Method.published_processes``; the task's ``bench.processes:
+published``); a list such as ``bench.processes=[flow,diffusion]`` runs each method on every listed
+process it supports. The tuned hyperparameters of the task (``tasks/tuned/<task>.yaml``, written by
+``rsmbench tune``) are applied unless ``untuned``. Every run of a matched comparison spends the same
+reward-query budget within 1 % (``rsmbench.run.budget``).
 
-Without --profile the bench takes the task's full-scale profile (sd15, then sd35) when its weights
-are found locally (``fullscale.check_weights``: a directory or the HF cache, never a download), else
-tiny, and says which and why in one line. With a full-scale profile, missing model or reward weights
-are one line and exit code 2 before anything is created.
-
-A run is method × formulation × process × seed (the task's ``bench.processes`` that the method
-supports). Every input is validated before anything is written: a bad task, profile, method,
-formulation or override is one line and exit code 2. Runs are matched by the hash of their
-resolved config: a FINISHED one is skipped, an interrupted one resumes from its checkpoint into
-the same MLflow run, and a per-run file lock keeps concurrent bench processes from doubling one.
-A NaN/inf reward or loss fails that run (status FAILED, tags ``error`` and ``nonfinite``) and the others
-go on; being seeded, it would fail the same way again, so a re-run reports it without re-running it
-(``--retry-failed`` re-runs it). Runs that failed otherwise (an exception, a kill) are resumed.
-At the end: a summary table (mean ± 95% t-interval over seeds) on stdout and in
-``reports/<task>/summary.md``.
+Every input is validated before anything is written. Runs are matched by the hash of their spec: a
+FINISHED one is skipped, an interrupted one resumes from its checkpoint into the same MLflow run, and
+a per-run file lock keeps concurrent bench processes from doubling one. A run that diverges (leaves
+its task's sane range or turns non-finite) stops with status FAILED and the tag ``diverged`` = its
+iteration; being seeded, it would diverge the same way again, so a re-run reports it without
+re-running it (``retry_failed`` re-runs it). Runs that failed otherwise (an exception, a kill) are
+resumed.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
+import multiprocessing as mp
 import sys
-import time
 import traceback
-from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
-import numpy as np
 import torch
-from scipy import stats
 from tqdm import tqdm
 
 from rsmbench.core import method as registry
 from rsmbench.core.checkpoints import load_checkpoint
 from rsmbench.errors import UserError
-from rsmbench.run import distributed, fullscale, tasks, tracking
-from rsmbench.run.runspec import config_hash, eval_spec, run_name, run_spec
-from rsmbench.run.setup import shared_reward, tiny_evaluator
-from rsmbench.run.train import NonFiniteError, train_run
+from rsmbench.run import budget, distributed, fullscale, tasks, tracking, tuning
+from rsmbench.run.runspec import config_hash, group_hash, run_name, run_spec
+from rsmbench.run.setup import shared_reward
+from rsmbench.run.train import Diverged, train_run
 
 FORMULATION_CHOICES = ("rsm", "original", "both")
 
 
-def add_parser(sub):
-    p = sub.add_parser("bench", help="compare methods on a task; runs go to MLflow, a summary to reports/")
-    p.add_argument("--task", required=True)
-    p.add_argument("--profile", default=None,
-                   help="tiny, sd15 or sd35 (default: the task's full-scale profile if its weights are found "
-                        "locally, else tiny; one line says which and why)")
-    p.add_argument("--methods", default="all", help="comma-separated method ids, or 'all' (default)")
-    p.add_argument("--formulation", default=None, help="rsm, original or both (default: the task's bench.formulation)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the task's bench.seeds)")
-    p.add_argument("--budget", choices=["matched", "published"], default=None,
-                   help="reward-query budget: compute-matched (default) or each method's published one")
-    p.add_argument("--report-dir", default=None, help="where summary.md goes (default: reports/<task>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="re-run runs that stopped on a NaN/inf (skipped by default: a seeded run fails the same way)")
-    p.add_argument("overrides", nargs="*", help="key=value task-config overrides, e.g. train.lr=1e-3")
-    p.set_defaults(run=_run)
-
-
 # ---- planning (no side effects) ----------------------------------------------------------------------
+def processes(m, task_cfg) -> list[str]:
+    """The processes method class m runs on in this task's bench: its published ones (the default
+    ``bench.processes: published``) or those of the task's list that it supports."""
+    listed = task_cfg.bench.get("processes", "published")
+    if listed == "published":
+        listed = getattr(m, "published_processes", m.processes)
+    return [k for k in listed if k in task_cfg.processes and k in m.processes]
+
+
 def applies(m, task_cfg, reward) -> str:
     """'' if method class m can run on the task, else why not."""
-    kinds = [k for k in task_cfg.bench.processes if k in task_cfg.processes]
-    if not any(k in m.processes for k in kinds):
-        return f"it supports the {'/'.join(m.processes)} process(es), the task has {'/'.join(kinds)}"
+    if not processes(m, task_cfg):
+        listed = task_cfg.bench.get("processes", "published")
+        return (f"it supports the {'/'.join(m.processes)} process(es); the task benches "
+                f"{listed if isinstance(listed, str) else '/'.join(listed)} of {'/'.join(task_cfg.processes)}")
     if m.order == "first" and not getattr(reward, "differentiable", False):
         return "it is first-order and the task's reward is not differentiable"
     return ""
@@ -105,16 +88,18 @@ def choose_profile(task: str, overrides) -> tuple[str, str]:
     return "tiny", (f"profile: tiny ({prof} weights not found: {err}; pass --profile {prof} model=PATH to use them)")
 
 
-def plan(args):
-    """Validate everything and return (task_cfg, [run configs]). Raises ``UserError``.
-    Without --profile, sets ``args.profile`` and ``args.profile_note`` (see ``choose_profile``)."""
+def plan(args, check: bool = True):
+    """Validate everything and return (task_cfg, [run specs with their budget schedules]). Raises
+    ``UserError``. Without --profile, sets ``args.profile`` and ``args.profile_note``
+    (``choose_profile``). ``args``: task, profile, methods, formulation, seeds, budget, untuned,
+    overrides."""
     if getattr(args, "profile", None) is None:
         args.profile, args.profile_note = choose_profile(args.task, args.overrides)
     cfg = tasks.load(args.task, args.overrides, args.profile)
     if args.profile != "tiny":  # weights first: a missing one is one line, before anything is loaded
         check_full_scale(cfg)
     reward = shared_reward(cfg.reward)
-    formulation = args.formulation or cfg.bench.get("formulation", "both")
+    formulation = args.formulation or cfg.bench.get("formulation", "original")
     if formulation not in FORMULATION_CHOICES:
         raise UserError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATION_CHOICES)}")
     seeds = args.seeds if args.seeds is not None else int(cfg.bench.get("seeds", 1))
@@ -132,18 +117,25 @@ def plan(args):
             if why:
                 raise UserError(f"method {i!r} does not apply to task {cfg.name!r}: {why}")
     forms = ("rsm", "original") if formulation == "both" else (formulation,)
-    kinds = [k for k in cfg.bench.processes if k in cfg.processes]
-    for k in kinds if cfg.profile == "tiny" else ():  # full scale: the SD model was checked above
-        if any(k in reg[i].processes for i in ids):
+    if cfg.profile == "tiny":  # full scale: the SD model was checked above
+        for k in sorted({k for i in ids for k in processes(reg[i], cfg)}):
             load_checkpoint(tasks.resolve_path(cfg.processes[k].model.checkpoint), task=cfg.name)
-    runs = [run_spec(cfg, i, f, k, s, args.budget)
-            for i in ids for k in kinds if k in reg[i].processes for f in forms for s in range(seeds)]
-    return cfg, runs
+    tuned = {} if getattr(args, "untuned", False) else tuning.tuned_values(cfg, args.overrides)
+    specs = [run_spec(cfg, i, f, k, s, args.budget, tuned.get(f"{i}/{k}"))
+             for i in ids for k in processes(reg[i], cfg) for f in forms for s in seeds_of(cfg, seeds)]
+    return cfg, budget.plan(specs, check)
+
+
+def seeds_of(cfg, n: int) -> list[int]:
+    """The evaluation seeds 0..n−1 (``rsmbench tune`` uses seeds from ``tuning.SEED_OFFSET`` on)."""
+    return list(range(n))
 
 
 # ---- execution -------------------------------------------------------------------------------------------
-def execute(runs, progress: bool = True, log=print, retry_failed: bool = False, dist=None) -> list[dict]:
-    """Run (or skip, or resume) every planned run (specs); returns one record per run.
+def execute(runs, progress: bool = True, log=print, retry_failed: bool = False, dist=None,
+            experiment: str | None = None, tags: dict | None = None) -> list[dict]:
+    """Run (or skip, or resume) every planned run (specs); returns one record per run. `experiment`:
+    the MLflow experiment (default: the run's task); `tags`: {config hash: extra tags of a new run}.
 
     Under a multi-process launch (``dist``: ``distributed.Multi``) every rank walks the same plan: rank
     0 holds the run locks and the MLflow store and tells the others (broadcast) which runs to train;
@@ -165,7 +157,8 @@ def execute(runs, progress: bool = True, log=print, retry_failed: bool = False, 
                 if not dist.broadcast(got):
                     deferred.append(rc)
                     continue
-                rec = _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed) if dist.is_main else None
+                rec = _open_run(tracker, rc, chash, {**env_tags, **(tags or {}).get(chash, {})}, root, bar, log,
+                                retry_failed, experiment) if dist.is_main else None
                 rec = dist.broadcast(rec)
                 if rec["status"] in ("new", "resumed"):
                     _train(tracker, rec, root / "runs" / chash, bar, log, dist)
@@ -176,33 +169,62 @@ def execute(runs, progress: bool = True, log=print, retry_failed: bool = False, 
     return sorted(records, key=lambda r: order[r["config_hash"]])
 
 
-def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False) -> dict:
+def execute_parallel(runs, workers: int, progress: bool = True, log=print, retry_failed: bool = False,
+                     experiment: str | None = None, tags: dict | None = None) -> list[dict]:
+    """``execute`` over `workers` processes (spawned, one torch thread each): runs are independent, the
+    per-run locks and the sqlite store are safe under concurrent writers."""
+    if workers <= 1 or len(runs) <= 1:
+        return execute(runs, progress, log, retry_failed, experiment=experiment, tags=tags)
+    bar = _bar(len(runs), progress)
+    order = {config_hash(rc): k for k, rc in enumerate(runs)}
+    records = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as ex:
+        futures = [ex.submit(execute, [rc], False, _quiet, retry_failed, None, experiment, tags) for rc in runs]
+        for f in as_completed(futures):
+            (rec,) = f.result()
+            if rec["status"] in ("failed", "diverged"):
+                log(f"{rec['status'].upper()} {rec['name']}: {rec.get('error', '')}", file=sys.stderr)
+            records.append(rec)
+            bar.set_postfix_str(f"{rec['name']}: {rec['status']}")
+            bar.update(1)
+    bar.close()
+    return sorted(records, key=lambda r: order[r["config_hash"]])
+
+
+def _quiet(*a, **k):
+    pass
+
+
+def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, experiment=None) -> dict:
     """Rank 0: the record of a planned run: skipped (FINISHED before), failed (stopped on a NaN before,
     not retried), resumed (its MLflow run reopened) or new (an MLflow run created, its spec logged)."""
     name = run_name(rc)
     rec = {"config_hash": chash, "rc": rc, "name": name}
-    exp = tracker.experiment(rc["task"])
+    exp = tracker.experiment(experiment or rc["task"])
     prev = tracker.find_run(exp, chash)
     if prev is not None and prev.info.status == "FINISHED":
         rec.update(run_id=prev.info.run_id, status="skipped")
         bar.set_postfix_str(f"{name}: done, skipped")
         return rec
-    if prev is not None and prev.data.tags.get("nonfinite") == "true" and not retry_failed:
-        err = prev.data.tags.get("error", "non-finite value")
-        log(f"FAILED {name} (earlier run, not re-run; --retry-failed re-runs it): {err}", file=sys.stderr)
-        rec.update(run_id=prev.info.run_id, status="failed", error=err)
+    if prev is not None and "diverged" in prev.data.tags and not retry_failed:
+        err = prev.data.tags.get("error", "diverged")
+        log(f"DIVERGED {name} (earlier run, not re-run; --retry-failed re-runs it): {err}", file=sys.stderr)
+        rec.update(run_id=prev.info.run_id, status="diverged", error=err, diverged=int(prev.data.tags["diverged"]))
         return rec
     m = registry.get(rc["method"])
     ckpt = root / "runs" / chash
     if prev is not None:
         rec.update(run_id=prev.info.run_id, status="resumed")
         tracker.reopen(prev.info.run_id,
-                       clear_tags=[t for t in ("error", "traceback", "nonfinite") if t in prev.data.tags])
+                       clear_tags=[t for t in ("error", "traceback", "diverged") if t in prev.data.tags])
         return rec
-    tags = {"config_hash": chash, "method": rc["method"], "formulation": rc["formulation"],
+    tags = {"config_hash": chash, "config_group": group_hash(rc), "method": rc["method"],
+            "formulation": rc["formulation"],
             "process": rc["process"], "seed": rc["seed"], "profile": rc["profile"], "task": rc["task"],
             "method_family": f"{m.order}-order", "table1": m.table1 or "", "equivalence_kind": m.kind,
-            "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], **env_tags}
+            "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], "tuned": str(bool(rc.get("tuned"))).lower(),
+            **env_tags}
     run_id = tracker.create_run(exp, name, tags)
     tracker.log_params(run_id, tracking.flatten(rc))
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -232,12 +254,12 @@ def _train(tracker, rec, ckpt, bar, log, dist) -> None:
 
     try:
         res = train_run(rc, log_metrics, log_artifact, ckpt, on_iteration, dist=dist)
-    except NonFiniteError as e:
-        log(f"FAILED {name}: {e}", file=sys.stderr)
+    except Diverged as e:
+        log(f"DIVERGED {name}: {e}", file=sys.stderr)
         if dist.is_main:
-            tracker.set_tags(run_id, {"error": str(e), "nonfinite": "true"})
+            tracker.set_tags(run_id, {"error": str(e), "diverged": e.iteration})
             tracker.finish(run_id, "FAILED")
-        rec.update(status="failed", error=str(e))
+        rec.update(status="diverged", error=str(e), diverged=e.iteration)
         return
     except Exception as e:  # noqa: BLE001 - one broken method must not stop the bench
         line = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -267,142 +289,3 @@ def _bar(total: int, progress: bool):
     if not progress:
         return _NoBar()
     return tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, file=sys.stderr)
-
-
-# ---- summary -----------------------------------------------------------------------------------------------
-def ci95(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (nan for a single seed)."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-
-
-def summarize(cfg, records) -> tuple[str, list[dict]]:
-    """Aggregate the final eval metrics of the runs over seeds (read back from MLflow)."""
-    tracker = tracking.Tracker()
-    groups: dict = {}
-    for rec in records:
-        rc = rec["rc"]
-        key = (rc["method"], rc["formulation"], rc["process"])
-        g = groups.setdefault(key, {"runs": 0, "failed": 0, "vals": {}})
-        g["runs"] += 1
-        if rec.get("status") == "failed" or "run_id" not in rec:
-            g["failed"] += 1
-            continue
-        run = tracker.get_run(rec["run_id"])
-        if run.info.status != "FINISHED":
-            g["failed"] += 1
-            continue
-        mets = run.data.metrics  # latest value of each key = the final eval
-        for k in ("eval/reward_mean", "eval/kl_ref", "eval/J_gap", "eval/J_gap_exact", "eval/sw_to_target",
-                  "train/reward_queries", "train/wall_time", "eval/diversity", "eval/prior_frechet"):
-            if k in mets:
-                g["vals"].setdefault(k, []).append(mets[k])
-    gmm = any("eval/J_gap" in g["vals"] for g in groups.values())
-    rows = []
-    for (mid, form, proc), g in groups.items():
-        row = {"method": mid, "formulation": form, "process": proc, "seeds": g["runs"] - g["failed"],
-               "failed": g["failed"]}
-        for k, v in g["vals"].items():
-            row[k] = ci95(v)
-        rows.append(row)
-    head = ["method", "form.", "process", "seeds", "reward (±95% CI)", "KL"]
-    head += ["J-gap (±95% CI)", "J-gap exact", "SW→p*"] if gmm else []
-    head += ["diversity", "prior FD", "queries", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    def num(v, p=3):
-        return f"{v:.{p}f}" if abs(v) < 1e4 else f"{v:.2e}"
-
-    def fmt(t, p=3):  # mean ± 95% CI half-width
-        if t is None or not math.isfinite(t[0]):
-            return "–"
-        return num(t[0], p) if not math.isfinite(t[1]) else f"{num(t[0], p)} ± {num(t[1], p)}"
-
-    def one(t, p=3):
-        return "–" if t is None or not math.isfinite(t[0]) else num(t[0], p)
-
-    for r in rows:
-        cells = [r["method"], r["formulation"], r["process"],
-                 f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
-                 fmt(r.get("eval/reward_mean")), one(r.get("eval/kl_ref"))]
-        if gmm:
-            cells += [fmt(r.get("eval/J_gap")), one(r.get("eval/J_gap_exact")), one(r.get("eval/sw_to_target"))]
-        cells += [one(r.get("eval/diversity")), one(r.get("eval/prior_frechet")),
-                  one(r.get("train/reward_queries"), 0), one(r.get("train/wall_time"), 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines), rows
-
-
-def base_line(cfg) -> str:
-    """The base model's own eval (what every run starts from) and, for gmm, the floors and J*."""
-    if cfg.profile != "tiny":  # the full-scale base eval is each run's iteration 0 in MLflow
-        return ""
-    out = []
-    for kind in cfg.bench.processes:
-        if kind not in cfg.processes:
-            continue
-        ev = tiny_evaluator(eval_spec(cfg, kind))  # the base samples the runs were evaluated against
-        m, _ = ev(ev.ref, at_base=True)
-        out.append(f"- {kind} base model on the eval seeds: reward {m['eval/reward_mean']:.3f} "
-                   f"(std {m['eval/reward_std']:.3f}), diversity {m['eval/diversity']:.3f}")
-        if ev.gt is None:  # only gmm knows its optimum
-            continue
-        b = ev.base_extra
-        out.append(f"- {kind} base: E[r] = J_ref = {b['J_ref']:.3f}; J* = {b['J_star_model']:.3f} (base-model MC), "
-                   f"{b['J_star_exact']:.3f} (exact mixture); base gap J* − J_ref = {b['gap_ref']:.3f}; "
-                   f"SW floors: exact-vs-exact {b['sw_floor_exact']:.3f}, base-vs-mixture "
-                   f"{b['sw_base_to_mixture']:.3f}, base-vs-target {b['sw_base_to_target']:.3f}")
-    return "\n".join(out)
-
-
-def write_report(cfg, table: str, records, seconds: float, report_dir: Path) -> Path:
-    report_dir.mkdir(parents=True, exist_ok=True)
-    path = report_dir / "summary.md"
-    failed = [r for r in records if r.get("status") == "failed"]
-    text = [f"# {cfg.name}: {cfg.get('title', '')}", "",
-            f"Profile `{cfg.profile}`; reward-query budget {cfg.budget.reward_queries} per run "
-            f"({cfg.budget.mode}); eval: {cfg.eval.num_samples} samples, seeds from {cfg.eval.seed_start}, "
-            f"sampler {cfg.eval.sampler}. Final eval per run; mean ± 95% t-interval over seeds.", "", table, ""]
-    bl = base_line(cfg)
-    if bl:
-        text += ["Reference values (the base model; gmm: J* and floors):", "", bl, ""]
-    if failed:
-        text += ["Failed runs:", ""] + [f"- {r['name']}: {r.get('error', '')}" for r in failed] + [""]
-    text.append(f"{len(records)} runs ({sum(r.get('status') == 'skipped' for r in records)} skipped as finished) "
-                f"in {seconds:.1f} s.")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(text) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _log(*a, file=None):
-    print(*a, file=file or sys.stdout, flush=True)
-
-
-def _run(args) -> int:
-    dist = distributed.make()  # N processes under accelerate launch / torchrun, else one
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // dist.world))
-    t0 = time.time()
-    cfg, runs = plan(args)
-    log = _log if dist.is_main else (lambda *a, **k: None)
-    if getattr(args, "profile_note", None):
-        log(args.profile_note)
-    if not runs:
-        raise UserError(f"no method applies to task {cfg.name!r}")
-    log(f"bench {cfg.name}: {len(runs)} runs ({len({r['method'] for r in runs})} methods), "
-        f"budget {runs[0]['budget']['reward_queries']} reward queries each"
-        f"{f', {dist.world} processes' if dist.world > 1 else ''}; MLflow at {tracking.tracking_uri()}")
-    records = execute(runs, progress=not args.no_progress, log=_log, retry_failed=args.retry_failed, dist=dist)
-    if not dist.is_main:
-        return 0
-    table, _ = summarize(cfg, records)
-    seconds = time.time() - t0
-    report = write_report(cfg, table, records, seconds, Path(args.report_dir or Path(
-        os.environ.get("RSMBENCH_REPORTS", "reports")) / str(cfg.name)))
-    _log(table)
-    _log(f"summary written to {report} ({seconds:.1f} s)")
-    return 1 if any(r.get("status") == "failed" for r in records) else 0

@@ -52,10 +52,13 @@ def eval_spec(task_cfg, kind: str) -> dict:
 
 
 def run_spec(task_cfg, method_id: str, formulation: str, kind: str, seed: int,
-             budget_mode: str | None = None) -> dict:
-    """The spec of one run (see the module docstring)."""
+             budget_mode: str | None = None, tuned: dict | None = None) -> dict:
+    """The spec of one run (see the module docstring). `tuned`: the method's tuned values
+    ({"lr": …, "hp": {…}}, ``rsmbench.run.tuning``), applied over the task's and recorded as ``tuned``."""
     m = registry.get(method_id)
     hp = method_hparams(task_cfg, m)
+    if tuned:
+        hp = {**hp, **tuned.get("hp", {})}
     budget = OmegaConf.to_container(task_cfg.budget, resolve=True)
     mode = budget_mode or budget.get("mode", "matched")
     queries = int(budget["reward_queries"])
@@ -64,7 +67,13 @@ def run_spec(task_cfg, method_id: str, formulation: str, kind: str, seed: int,
     spec = eval_spec(task_cfg, kind)
     spec.update(method=method_id, formulation=formulation, seed=int(seed), hp=hp,
                 budget={"mode": mode, "reward_queries": queries},
-                train=OmegaConf.to_container(task_cfg.train, resolve=True))
+                train=OmegaConf.to_container(task_cfg.train, resolve=True),
+                divergence=OmegaConf.to_container(task_cfg.divergence, resolve=True)
+                if task_cfg.get("divergence") is not None else None)
+    if tuned:
+        if "lr" in tuned:
+            spec["train"]["lr"] = float(tuned["lr"])
+        spec["tuned"] = tuned
     return spec
 
 
@@ -75,3 +84,9 @@ def run_name(spec: dict) -> str:
 def config_hash(spec: dict) -> str:
     """The run's identity: sha256 of its spec (sorted JSON), 20 hex digits."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def group_hash(spec: dict) -> str:
+    """The configuration's identity: the hash of the spec without its seed (the runs that differ only
+    in the seed are the seeds of one configuration, one row of a table)."""
+    return config_hash({k: v for k, v in spec.items() if k != "seed"})

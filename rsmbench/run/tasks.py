@@ -2,7 +2,8 @@
 
 Schema (see tasks/gmm.yaml for a complete example):
     name, title, alpha                 the objective J = E[r] − α·KL
-    base: NAME                         optional: start from tasks/NAME.yaml and override
+    base: NAME                         optional: start from tasks/NAME.yaml and override (a ``reward``
+                                       section replaces the base's instead of merging into it)
     data: {source, module?, cfg}       pretraining data (rsmbench.data.sources registry; `module` is imported)
     processes.<diffusion|flow>:        process kwargs, base model (arch, net kwargs, checkpoint), pretrain
     reward: {name, cfg}                rewards.get(name, **cfg)
@@ -39,7 +40,8 @@ def tasks_dir() -> Path:
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in tasks_dir().glob("*.yaml"))
+    """The task names (files starting with ``_`` are bases that other tasks extend, not tasks)."""
+    return sorted(p.stem for p in tasks_dir().glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def resolve_path(p: str | os.PathLike) -> Path:
@@ -60,8 +62,21 @@ def _read(name: str, seen=()) -> DictConfig:
     if base:
         if base in seen:
             raise TaskError(f"task {name!r}: circular 'base' chain {' -> '.join(seen + (name, base))}")
-        cfg = OmegaConf.merge(_read(base, seen + (name,)), cfg)
+        parent = _read(base, seen + (name,))
+        _replace_rewards(parent, cfg)
+        cfg = OmegaConf.merge(parent, cfg)
     return cfg
+
+
+def _replace_rewards(parent: DictConfig, child: DictConfig) -> None:
+    """A task that names a reward replaces its base's reward section (top level and per profile)
+    instead of merging into it: the arguments of one reward mean nothing to another."""
+    if "reward" in child and "reward" in parent:
+        parent.reward = None
+    for prof, sub in (child.get("profiles") or {}).items():
+        if sub is not None and "reward" in sub and prof in (parent.get("profiles") or {}) \
+                and "reward" in parent.profiles[prof]:
+            parent.profiles[prof].reward = None
 
 
 def parse_overrides(overrides) -> list[str]:

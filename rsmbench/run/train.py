@@ -22,6 +22,7 @@ logged one, so a run killed anywhere has neither a gap nor a duplicate in its me
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +33,24 @@ import torch
 from rsmbench.core import method as registry
 from rsmbench.core.method import FORMULATIONS, Context, formulation_loss
 from rsmbench.core.models import Policy
+from rsmbench.run import budget as budgets
 from rsmbench.run import distributed, setup
 from rsmbench.run.accounting import Counters, CountingReward
 from rsmbench.run.evaluate import plot_samples
 from rsmbench.run.resume import load_state, save_state
 
 
-class NonFiniteError(RuntimeError):
-    """A NaN or inf in a reward or a loss: the run stops with a failed status."""
+class Diverged(RuntimeError):
+    """The run left its task's sane range (``divergence:``) or turned non-finite: it stops, and the
+    bench reports it as diverged at this iteration, never as a number."""
+
+    def __init__(self, message: str, iteration: int):
+        super().__init__(message)
+        self.iteration = iteration
+
+
+class Overspent(RuntimeError):
+    """A run of a matched comparison spent more than 1 % beyond its reward-query budget."""
 
 
 @dataclass
@@ -86,7 +97,10 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     pending = []
 
     budget = int(spec["budget"]["reward_queries"])
-    max_it, every, ck_every = int(tr["max_iterations"]), int(spec["eval"]["every"]), int(tr["checkpoint_every"])
+    sched = spec["budget"].get("schedule")  # rsmbench.run.budget; None: scheduled after the first iteration
+    max_it, ck_every = int(tr["max_iterations"]), int(tr["checkpoint_every"])
+    points = [budget * j / int(spec["eval"]["points"]) for j in range(1, int(spec["eval"]["points"]) + 1)]
+    guard = Guard(spec.get("divergence") or {})
     hp = dict(spec["hp"])
     micro_rows = int(tr.get("micro_rows") or 0)  # gradient accumulation over row chunks
 
@@ -108,22 +122,32 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             log_artifact(png)
         return ev
 
+    def flush_and_stop(e: Diverged):
+        for step, mm in pending:  # the history up to the last sane iteration is kept
+            log_metrics(mm, step)
+        raise e
+
     if start == 0:
         pending.append((0, evaluate(0)))
     it, t_prev, final_eval = start, time.time(), {}
-    while counters.reward_queries < budget and it < max_it:
+    while it < max_it and (it < sched["iterations"] if sched else counters.reward_queries < budget):
         if stop_after is not None and it - start >= stop_after:
             break
         it += 1
         # -- collect on θ† ------------------------------------------------------------------------
         behaviour = S.new_behaviour()
         cond = S.cond(it)
+        if sched and it == sched["iterations"]:  # the last iteration is cut to fit the budget
+            cond = cond[: sched["last_samples"]]
         ctx = Context(process=process, policy=policy, ref=ref, behaviour=behaviour, reward=reward, hp=hp,
                       shape=S.shape)
         seeds = [(spec["seed"] * 1_000_003 + it) * 65_536 + k for k in range(len(cond))]
         net.eval()
         batch, rewards = dist.collect(m, ctx, cond, seeds)  # a net without classes ignores cond; groups use it
-        _check_finite("reward", rewards, it)
+        try:
+            _check_finite("reward", rewards, it)
+        except Diverged as e:
+            flush_and_stop(e)
         # -- optimise -----------------------------------------------------------------------------
         net.train()
         losses, gnorms, stat_sums = [], [], {}
@@ -134,7 +158,10 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             loss = 0.0
             for mb, frac in row_chunks(batch, micro_rows, rows_total):
                 part = formulation_loss(m, formulation, mb, ctx)
-                _check_finite("loss", part, it)
+                try:
+                    _check_finite("loss", part, it)
+                except Diverged as e:
+                    flush_and_stop(e)
                 (part * frac).backward() if frac != 1.0 else part.backward()
                 loss = loss + part.detach() * frac
                 for k, v in mb.extras.pop("stats", {}).items():  # row-weighted mean over chunks and updates
@@ -142,7 +169,10 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             dist.reduce_gradients(S.params)
             (loss,) = dist.sum([float(loss)])
             gn = torch.nn.utils.clip_grad_norm_(S.params, float(tr["grad_clip"]))
-            _check_finite("gradient norm", gn, it)
+            try:
+                _check_finite("gradient norm", gn, it)
+            except Diverged as e:
+                flush_and_stop(e)
             opt.step()
             if hasattr(m, "on_optimizer_step"):  # e.g. VGG-Flow's quantile clip threshold update
                 m.on_optimizer_step()
@@ -169,10 +199,19 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         for k in ("nfe", "reward_queries"):
             if k in batch.extras:
                 metrics[f"train/method_reported_{k}"] = dist.sum([_stat(batch.extras[k])])[0]
-        done = counters.reward_queries >= budget or it >= max_it
-        if done or it % every == 0:
+        if sched is None and it == 1:  # full scale: the cost is known after one iteration
+            sched = budgets.schedule(budget, counters.reward_queries / len(cond), len(cond), max_it)
+            sched["iterations"] = max(sched["iterations"], 1)
+        done = it >= max_it or (it >= sched["iterations"] if sched else counters.reward_queries >= budget)
+        if done or (points and counters.reward_queries >= points[0]):
+            while points and counters.reward_queries >= points[0]:
+                points.pop(0)
             final_eval = evaluate(it)
             metrics.update(final_eval)
+        try:
+            guard(metrics, it)
+        except Diverged as e:
+            flush_and_stop(e)
         if not dist.is_main:
             continue
         pending.append((it, metrics))
@@ -187,6 +226,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     if ckpt_dir is None:
         for step, mm in pending:
             log_metrics(mm, step)
+    if spec["budget"]["mode"] == "matched" and counters.reward_queries > budget * 1.01 and stop_after is None:
+        raise Overspent(f"spent {counters.reward_queries} reward queries, more than 1 % over the budget {budget}")
     return RunResult(iterations=it, counters=counters, final_eval=final_eval)
 
 
@@ -212,7 +253,35 @@ def _stat(v) -> float:
 def _check_finite(name: str, v: torch.Tensor, it: int) -> None:
     if not torch.isfinite(v.detach()).all():
         bad = "NaN" if torch.isnan(v.detach()).any() else "inf"
-        raise NonFiniteError(f"{name} is {bad} at iteration {it}; the run is stopped")
+        raise Diverged(f"{name} is {bad} at iteration {it}; the run is stopped", it)
+
+
+class Guard:
+    """The task's sane ranges (``divergence:``): {reward: [lo, hi], kl: hi, loss: hi} bound the train
+    and eval reward means, the eval path KL and |train loss|; a value outside, or a non-finite one,
+    is a divergence."""
+
+    CHECKS = (("train/reward_mean", "reward"), ("eval/reward_mean", "reward"), ("eval/kl_ref", "kl"),
+              ("train/loss", "loss"))
+
+    def __init__(self, ranges: dict):
+        self.ranges = ranges
+
+    def __call__(self, metrics: dict, it: int) -> None:
+        for key, name in self.CHECKS:
+            if key not in metrics:
+                continue
+            v = float(metrics[key])
+            if not math.isfinite(v):
+                raise Diverged(f"{key} is {v} at iteration {it}; the run is stopped", it)
+            if name not in self.ranges:
+                continue
+            lo, hi = self.ranges[name] if name == "reward" else (-math.inf, self.ranges[name])
+            if name == "loss":
+                v = abs(v)
+            if not lo <= v <= hi:
+                raise Diverged(f"{key} = {float(metrics[key]):.4g} left the task's range of {name} at iteration "
+                               f"{it}; the run is stopped", it)
 
 
 @torch.no_grad()
