@@ -41,6 +41,6 @@ def test_micro_batches_split_per_row_data():
     parts = micro_batches(batch, 4)
     assert [len(p.rows) for p in parts] == [len(batch.rows) // 4] * 4
     for p in parts:
-        assert len(p.row_data["lean_adjoint_next"]) == len(p.rows)
-    assert torch.equal(torch.cat([p.row_data["lean_adjoint_next"] for p in parts]),
-                       batch.row_data["lean_adjoint_next"])
+        assert len(p.row_data["lean_adjoint"]) == len(p.rows)
+    assert torch.equal(torch.cat([p.row_data["lean_adjoint"] for p in parts]),
+                       batch.row_data["lean_adjoint"])
