@@ -4,7 +4,17 @@ Paper: Clark, Vicol, Swersky, Fleet 2023, "Directly Fine-Tuning Diffusion Models
 Differentiable Rewards", arXiv 2309.17400 (ICLR 2024), method section: DRaFT (Algorithm 1), DRaFT-K
 (backprop only through the last K sampling steps, K = 1 recommended) and DRaFT-LV (K = 1 with n
 extra re-noisings of the final sample x_0 → x_1 and one differentiable denoising step each,
-n = 2; averaged).
+n = 2; averaged). No official DRaFT code exists and the paper body could not be read here; the
+corroborating source is the SQDF authors' DRaFT baselines (Shin-woocheol/SQDF@68861b2
+T2I/aesthetic.sh 'draft': ``--backprop_strategy='fixed' --backward_step=49`` (K = 1) with the default
+``sample_eta`` 1.0 (stochastic DDPM steps, our ``stochastic: True``); 'draftlv':
+``--draftlv_loop=2``). Their DRaFT-LV *sums* the n per-draw losses per sample
+(``loss.view(bs, n).sum(dim=1).mean()``, T2I/alignprop_trainer.py:555-557): ``lv_reduce: sum``
+(default ``mean``, the paper's "averaged" as we read it; a factor n). Deliberate deviation, stated:
+their LV re-noises x_0 to x̃_1 but denoises it with the *detached* noise prediction of the last
+sampling step at x_{N−1} (T2I/sd_pipeline.py:1629-1660), so its gradient reaches θ only through the
+last sampling step; here each x̃_1 is denoised by a fresh differentiable network call, as the paper
+describes DRaFT-LV.
 Table 1 row: not a Table 1 row (digest §8.11: "first-order, full-trajectory estimator with the
 exact Jacobian ∂x_0/∂x_t, truncated for DRaFT-K/LV; no KL").
 Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with the x_i held at their rollout values,
@@ -15,11 +25,15 @@ Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with the x_i held at the
 moves the x_i and the adjoint; RSM keeps them fixed, so only the first-step gradients agree.
 
 Original (one sample per row of the batch, mean over samples):
-    L = λ·mean_b φ(r(x_N^b(θ))),  φ(r) = −r,  x_N(θ) = ``diffrollout.replay`` (grad on the last K)
-    DRaFT-LV: L = λ·mean_{b,j} φ(r(step_θ(x̃_1^{bj}))),  x̃_1^{bj} = q(x_{t_{N−1}} | sg(x_N^b)).
+    L = λ·mean_b φ(r(x_N^b(θ))),  φ(r) = −r,  x_N(θ) = ``diffrollout.replay`` (grad on the trained
+    steps: the last K here; AlignProp's draws in methods/alignprop.py)
+    DRaFT-LV: L = λ·mean_{b,j} φ(r(step_θ(x̃_1^{bj}))),  x̃_1^{bj} = q(x_{t_{N−1}} | sg(x_N^b))
+              (``lv_reduce: sum``: n·that, SQDF's baseline).
 RSM instance (native units, rows = the K trained steps of every sample, or the LV draws):
-    Ψ̂/a = ω·λ·B_i·a_{i+1}   (ω = −φ'(r), exact adjoint pull-back, ``estimators.adjoint_pullback``)
-    γ = 1,  C1·a² = D·K/2 (sum over K steps; D/2 for LV, which averages),  C2 = 0,  anchor s_θ†.
+    Ψ̂/a = ω·λ·B_i·a_{i+1}   (ω = −φ'(r), exact adjoint pull-back, ``estimators.adjoint_pullback``;
+          a through the original's own graph: steps whose output is detached pass A_i·a only)
+    γ = 1,  C1·a² = D·K/2 (sum over K steps; D/2 for LV, which averages; D·n/2 when it sums),
+    C2 = 0,  anchor s_θ†.
 (Score units: Ψ̂ = a_i·ω·λ·B_i·a_{i+1} = ω·λ·a_i²·Ω_i·a_{i+1}, C1 = D·K/(2a_i²).) The C1/Ψ̂ split is
 not identifiable for a KL-free method (digest §7.2 caveat); with σ_i > 0 the same product is the
 Stein form Ψ̂/a = λ·σ_i²·a_{i+1}/B_i with C1·a² = D·K·w_i²/2 (w = −B/σ); we keep the pull-back form
@@ -52,10 +66,12 @@ class RewardBackprop(Method):
                    "adjoint holds the x_i fixed, the original moves them once θ ≠ θ†")
 
     # -- which steps carry grad -----------------------------------------------------------------
-    def truncation(self, ctx, seeds) -> int:
+    def trained_steps(self, ctx, seeds) -> torch.Tensor:
+        """Bool per process step: the steps whose network output carries grad (DRaFT-K: the last K)."""
         N = ctx.process.num_steps
         k = ctx.hp.get("k")
-        return N if k is None else min(int(k), N)
+        K = N if k is None else min(int(k), N)
+        return torch.arange(N) >= N - K
 
     def _mask(self, ctx):
         return torch.full((ctx.process.num_steps,), bool(ctx.hp["stochastic"]))
@@ -66,9 +82,9 @@ class RewardBackprop(Method):
         N, mask = p.num_steps, self._mask(ctx)
         ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond, stochastic=mask, dtype=dt)
         r, g = reward_and_grad(ctx.reward, ro.final, cond)
-        K = self.truncation(ctx, seeds)
+        trained = self.trained_steps(ctx, seeds)
         rows = ro.transitions(only_stochastic=False)
-        extras = {"K": K, "terminal_grad": g}
+        extras = {"K": int(trained.sum()), "trained": trained, "terminal_grad": g}
         n_lv = int(ctx.hp.get("lv_draws") or 0)
         if n_lv:  # DRaFT-LV: n re-noisings x̃_1 of sg(x_N) per sample, one step each
             lv_seeds = [int(s) * 1_000 + 500 + j for j in range(n_lv) for s in seeds]
@@ -82,7 +98,7 @@ class RewardBackprop(Method):
             extras.update(lv=lv, lv_rewards=r_lv, lv_grad=g_lv)
             rows = lv.transitions(only_stochastic=False)
         else:
-            rows = rows.select(rows.step >= N - K)
+            rows = rows.select(trained[rows.step])
         return Batch(rollout=ro, rows=rows, rewards=r, cond=cond, extras=extras)
 
     # -- original: autograd through the (truncated) chain ----------------------------------------
@@ -95,24 +111,33 @@ class RewardBackprop(Method):
             cond = lv.cond
         else:
             x = replay(ctx.policy, ro.states[:, 0], ro.noises, batch.cond, self._mask(ctx),
-                       k=batch.extras["K"], checkpoint=hp["checkpoint"])
+                       train_mask=batch.extras["trained"], checkpoint=hp["checkpoint"])
             cond = batch.cond
         r = ctx.reward(x, cond)
-        return hp["reward_scale"] * phi_loss(r, hp["reward_loss"], hp.get("reward_target")).mean()
+        loss = hp["reward_scale"] * phi_loss(r, hp["reward_loss"], hp.get("reward_target"))
+        return loss.mean() * self._lv_factor(batch, hp)
+
+    @staticmethod
+    def _lv_factor(batch, hp) -> int:
+        """n when DRaFT-LV sums its n draws per sample (``lv_reduce: sum``), else 1."""
+        if "lv" not in batch.extras or hp.get("lv_reduce", "mean") == "mean":
+            return 1
+        if hp["lv_reduce"] != "sum":
+            raise ValueError(f"lv_reduce must be 'mean' or 'sum', got {hp['lv_reduce']!r}")
+        return int(hp["lv_draws"])
 
     # -- RSM: exact-adjoint estimator on the trained rows -----------------------------------------
     def rsm_spec(self, batch, ctx):
         hp, rows, p = ctx.hp, batch.rows, ctx.process
-        N = p.num_steps
         if "lv" in batch.extras:
             ro, g, r = batch.extras["lv"], batch.extras["lv_grad"], batch.extras["lv_rewards"]
-            first, summed = 0, 1  # positions of the one-step LV rollouts; the original averages
+            first, summed, through = 0, self._lv_factor(batch, hp), None  # the one-step LV rollouts
         else:
             ro, g, r = batch.rollout, batch.extras["terminal_grad"], batch.rewards
-            K = batch.extras["K"]
-            first, summed = N - K, K
+            through = batch.extras["trained"]
+            first, summed = int(torch.nonzero(through)[0]), int(through.sum())
         omega = phi_slope(r, hp["reward_loss"], hp.get("reward_target"))
-        adj = chain_adjoint(ctx.behaviour, ro, g, first=first)
+        adj = chain_adjoint(ctx.behaviour, ro, g, first=first, through_net=through)
         pos = rows.step - int(ro.steps[0]) + 1  # rollout position of x_{i+1}
         adj_next = adj[rows.sample, pos]
         psi = adjoint_pullback(p, rows, adj_next, hp["reward_scale"] * omega[rows.sample])
@@ -125,13 +150,18 @@ class DRaFT(RewardBackprop):
     id = "draft"
     paper = "Clark et al. 2023, arXiv 2309.17400, Algorithm 1 and the DRaFT-K / DRaFT-LV variants"
     table1 = "not a Table 1 row (digest §8.11)"
-    defaults = {"k": 1, "lv_draws": 0, "reward_scale": 1.0, "reward_loss": "neg", "reward_target": None,
-                "stochastic": True, "checkpoint": False}
+    defaults = {"k": 1, "lv_draws": 0, "lv_reduce": "mean", "reward_scale": 1.0, "reward_loss": "neg",
+                "reward_target": None, "stochastic": True, "checkpoint": False}
     presets = {
         "draft_1": {"k": 1, "lv_draws": 0,
-                    "source": "arXiv 2309.17400: DRaFT-K with K = 1 (the paper's recommended setting)"},
+                    "source": "arXiv 2309.17400 (abstract): DRaFT-K with K = 1, as recalled (paper body not "
+                              "read); corroborated by Shin-woocheol/SQDF@68861b2 T2I/aesthetic.sh 'draft' "
+                              "(--backprop_strategy='fixed' --backward_step=49 of 50 steps, sample_eta 1.0)"},
         "draft_full": {"k": None, "lv_draws": 0,
-                       "source": "arXiv 2309.17400 Alg. 1: DRaFT without truncation (K = all steps)"},
+                       "source": "arXiv 2309.17400 (abstract): DRaFT backpropagates through the full sampling "
+                                 "chain (K = all steps)"},
         "draft_lv": {"k": 1, "lv_draws": 2,
-                     "source": "arXiv 2309.17400: DRaFT-LV, n = 2 re-noisings of the last step"},
+                     "source": "arXiv 2309.17400 (abstract): DRaFT-LV; n = 2 from Shin-woocheol/SQDF@68861b2 "
+                               "T2I/config/alignprop_config.py:140 (draftlv_loop 2, used in aesthetic.sh); "
+                               "averaged over the draws (lv_reduce 'sum' is the SQDF baseline's reduction)"},
     }

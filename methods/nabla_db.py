@@ -8,8 +8,15 @@ Code: lzzcd001/nabla-gfn ``train_nablagfn.py`` (unpruned) and the RSM repo's pru
 Table 1 row: "Residual ∇-DB‡" († after pruning g_φ and the auxiliary losses).
 
 Original (per row = sample × DDPM step t → t'; mean over rows, the code's per-step batch mean
-averaged over steps and grad-accumulation). With the transition score s̃ = ∇_{x'} log p(x'|x) =
-−(x' − μ)/σ² at the sampled x', k = ``pretrained_strength``, λ = ``reward_scale``:
+averaged over steps and grad-accumulation). Trained steps (``timestep_fraction`` f,
+``low_var_subsampling``, ``rsmbench.core.weights.train_steps``): f = 1 trains every step once (the
+default); the official configs train ⌊50·f⌋ + 1 steps per sample, the last step always plus one
+uniform step per block of 5 (f = 0.2, RSM ``sd15_first_order/trainer/ddptrainer.py:140-145,933-967``)
+or of 10 (f = 0.1, nabla-gfn ``train_nablagfn.py:324,503-534``), so the last step weighs 6× (11×)
+any other; the presets use that draw, seeded by ``subsample_seed`` + the batch's first seed (both
+formulations train the same rows, so the draw does not touch the equivalence). With the transition
+score s̃ = ∇_{x'} log p(x'|x) = −(x' − μ)/σ² at the sampled x', k = ``pretrained_strength``,
+λ = ``reward_scale``:
     G      = ∇_{x'} r(x̂_0(x'; ε_θ(x', t')))   (exact Jacobian through ε_θ; x̂_0 = x' after the last step)
     target = k·s̃_ref + λ·κ(t')·G  [+ ∇g_φ(x', t')  if use_flow_net, not on the last step]
     L      = fls·⟨(k·s̃_θ − sg(target))²⟩ + unet_reg·⟨(ε_θ − ε_θ†)²⟩
@@ -28,6 +35,9 @@ every θ (G re-evaluated with the current θ in both). ``use_flow_net=True`` (pr
 vanishes as ``flow_scale`` → 0. The flow network is a tiny random-init copy of the policy
 architecture (not the SD1.5-size UNet); k multiplies both transition scores, as the pruned port
 does (nabla-gfn applies ``pretrained_strength`` to the reference only; the default k = 1 agrees).
+Deliberate deviation, stated: on the last step (t' = 0) the code still applies Tweedie with ε_θ at
+model time clamp(t − 20, 0) = 0 (RSM ``simple_resnabladbtrainer.py:379-397``, ``:566-569``); here
+x̂_0 = x' there (the sample is final), which differs by the √(1−ᾱ_0) ≈ 0.03 ε-term of that call.
 """
 from __future__ import annotations
 
@@ -36,12 +46,13 @@ import torch
 from methods.vgg_flow import auxiliary_net
 from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
-from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.method import Batch, Method, _dtype, register
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 
 def _el(v, like):
     return v.reshape(-1, *([1] * (like.dim() - 1)))
+
 
 
 @register
@@ -61,16 +72,23 @@ class ResidualNablaDB(Method):
     defaults = {"reward_scale": 1.0, "reward_adaptive_mode": "squared", "reward_adaptive_sigma_scale": 1.0,
                 "pretrained_strength": 1.0,
                 "forward_loss_scale": 1.0, "unet_reg_scale": 1.0, "use_flow_net": False,
-                "reverse_loss_scale": 1.0, "flow_scale": 1.0, "flow_seed": 3000}
+                "reverse_loss_scale": 1.0, "flow_scale": 1.0, "flow_seed": 3000,
+                "timestep_fraction": 1.0, "low_var_subsampling": True, "subsample_seed": 0}
     presets = {
         "sd15_pruned_baseline": {
             "reward_scale": 5e5, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
             "forward_loss_scale": 1.0, "unet_reg_scale": 100.0, "use_flow_net": False,
-            "source": "jaylee2000/rsm sd15_first_order/config/simple_res-nabladb_sd_hps.yaml (digest §9.1)"},
+            "timestep_fraction": 0.2, "low_var_subsampling": True,
+            "source": "jaylee2000/rsm@e8be3df sd15_first_order/config/simple_res-nabladb_sd_hps.yaml "
+                      "(reward_scale 5e5, unet_reg_scale 1e2, pretrained_strength 1, reward_adaptive_mode "
+                      "squared, timestep_fraction 0.2, low_var_subsampling true; digest §9.1)"},
         "nabla_gfn_hps": {
-            "reward_scale": 1e3, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
-            "forward_loss_scale": 1.0, "unet_reg_scale": 1e3, "use_flow_net": True, "reverse_loss_scale": 1.0,
-            "source": "lzzcd001/nabla-gfn config/default_config.py (no_flow=False, reverse_loss_scale=1)"},
+            "reward_scale": 1e4, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
+            "forward_loss_scale": 1.0, "unet_reg_scale": 1e2, "use_flow_net": True, "reverse_loss_scale": 1.0,
+            "timestep_fraction": 0.1, "low_var_subsampling": True,
+            "source": "lzzcd001/nabla-gfn@6b74d4c config/hpsv2.py (reward_scale 1e4, unet_reg_scale 1e2) over "
+                      "config/default_config.py (no_flow False, reverse_loss_scale 1, pretrained_strength 1, "
+                      "reward_adaptive_mode squared, timestep_fraction 0.1, sampling.low_var_subsampling True)"},
         "toy_flow_net": {"use_flow_net": True,
                          "source": "this repo: the unpruned original at toy reward scale, for gap checks"},
     }
@@ -81,6 +99,12 @@ class ResidualNablaDB(Method):
         self.kind = "approximate" if unpruned else type(self).kind
         self.kind_reason = self.approx_reason if unpruned else type(self).kind_reason
         return hp
+
+    def collect(self, ctx, cond, seeds) -> Batch:
+        """DDPM rollout from θ†; the trained steps per sample as the official trainers draw them."""
+        batch = super().collect(ctx, cond, seeds)
+        batch.rows = weights.subsampled_rows(batch.rows, ctx.process, ctx.hp, seeds[0])
+        return batch
 
     def flow_net(self, ctx):
         """∇g_φ: the residual log-flow *score* network (same shape as x, as the code's UNet)."""

@@ -3,9 +3,14 @@
 Paper: Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preferences for Text-to-Image
 Generation", arXiv 2304.05977, §4 and Algorithm 1 (ReFL): sample without grad down to a random
 late step t ∈ [T1, T2] (40 steps, the last 10 eligible), run the network once *with* grad, predict
-x̂₀ directly (Tweedie) and minimise λ·φ(r(x̂₀)), φ = ReLU(2 − r) (official ``train_refl.py``:
-``F.relu(-rewards + 2)``, ``grad_scale = 1e-3``). ReFL alternates this with the pre-training loss
-on a data set; that regulariser needs training images and is not part of this method file.
+x̂₀ directly (Tweedie) and minimise λ·φ(r(x̂₀)), φ = ReLU(2 − r). Code: THUDM/ImageReward@c1392c6
+``ImageReward/ReFL.py:712-756`` (``DDPMScheduler``, ``set_timesteps(40)``, ``mid_timestep =
+random.randint(30, 39)`` once per batch, the first mid steps without grad, ``pred_original_sample``
+of the step at mid, ``F.relu(-rewards + 2)``, ``loss.mean() * args.grad_scale``) and
+``scripts/train_refl.sh`` (``--grad_scale 0.001``); the DDPM step is DDIM η = 1 here (the same
+posterior). Deliberate deviations, stated: ReFL alternates this with the pre-training loss on a data
+set; that regulariser needs training images and is not part of this method file. ReFL's UNet call
+has no CFG; guidance is a task setting here.
 Table 1 row: not a Table 1 row (digest §8.11: "ReFL = single late-step Tweedie (current-state)
 gradient").
 Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with x_j at its rollout value and
@@ -47,8 +52,9 @@ class ReFL(Method):
                 "reward_target": 2.0}
     presets = {
         "imagereward": {"window": 10, "reward_scale": 1e-3, "reward_loss": "relu_margin", "reward_target": 2.0,
-                        "source": "THUDM/ImageReward train_refl.py: mid_timestep ∈ [30, 39] of 40 steps, "
-                                  "loss F.relu(-rewards + 2) · grad_scale 1e-3"},
+                        "source": "THUDM/ImageReward@c1392c6 ImageReward/ReFL.py:714-756 (mid_timestep = "
+                                  "randint(30, 39) of 40 steps, loss F.relu(-rewards + 2)·grad_scale) and "
+                                  "scripts/train_refl.sh (--grad_scale 0.001)"},
     }
 
     def collect(self, ctx, cond, seeds) -> Batch:

@@ -20,6 +20,19 @@ Flow (§9.2, ``config/hpsv2_geneval_ours.py``: pruned VGG-Flow with ``use_saved_
     L = ⟨(v_θ − sg(v_tgt))²⟩ + unet_reg·⟨(v_θ − v_θ†)²⟩.
   RSM (digest §8.1 with the terminal estimator): Ψ̂/a = −λ·g (score units ((1−σ)/σ)·λ·g),
     γ = η(σ) = 1 − σ,  C1·a² = 1,  C2·a² = unet_reg,  anchor s_ref.
+Trained steps: diffusion ``sd15_ours`` trains the config's ``timestep_fraction: 0.2`` with
+``low_var_subsampling: true`` (11 of 50 steps per sample: the last always, one uniform step per block
+of 5, so the last step weighs 6×; RSM ``sd15_first_order/trainer/ddptrainer.py:140-145,933-967``,
+``rsmbench.core.weights.train_steps``); flow trains every step (``default_config.py``
+``model.timestep_fraction = 1.0``). The class default trains every step. ``unet_reg_scale`` defaults
+to None: the value of the process's "Ours" config, 1e2 for diffusion (the usez0 yaml
+``unet_reg_scale: 1e2``) and 0 for flow (sd35 ``default_config.py`` ``model.unet_reg_scale = 0.0``).
+Deliberate deviation, stated: the flow code evaluates v_θ with the unconditional CFG branch detached
+(RSM ``sd35_first_order/lib/vggflow/algorithm.py:85-91`` ``_compute_velocity(..., detach_uncond=True)``,
+``lib/models/cfg_wrapper.py`` ``apply``), so its θ-gradient is w·∂v_cond only; here CFG is applied by
+``rsmbench.core.models.Policy`` with the gradient through both branches, in both formulations (the
+authors' convention would need a detach option on ``Policy``; it is moot when the task trains without
+CFG, ``cfg_scale`` 1).
 Table 1 row: not a Table 1 row (the redesigns of §9.1/§9.2, built from the ∇-DB‡ and VGG-Flow‡ rows
 with the current-state estimator replaced by the terminal one).
 Equivalence kind: ``loss`` in both settings: the losses are identical for every θ (G is data of
@@ -54,15 +67,22 @@ class RSMFirstOrder(Method):
     paper = "RSM, arXiv 2604.17415, Fig. 5; digest §9.1 (use_z0) and §9.2 (use_saved_rgrad_x1)"
     table1 = "not a Table 1 row (digest §9.1, §9.2: redesigns of Residual ∇-DB‡ and VGG-Flow‡)"
     kind_reason = "loss identity for all θ: the terminal gradient is cached at sampling time"
-    defaults = {"reward_scale": 1.0, "forward_loss_scale": 1.0, "unet_reg_scale": 0.0, "eta_mode": "linear",
-                "clip": "quantile", "clip_quantile": 0.8, "clip_threshold": None}
+    defaults = {"reward_scale": 1.0, "forward_loss_scale": 1.0, "unet_reg_scale": None, "eta_mode": "linear",
+                "clip": "quantile", "clip_quantile": 0.8, "clip_threshold": None,
+                "timestep_fraction": 1.0, "low_var_subsampling": True, "subsample_seed": 0}
+    UNET_REG_OURS = {"diffusion": 100.0, "flow": 0.0}  # the "Ours" configs' unet_reg_scale per process
     presets = {
         "sd15_ours": {"reward_scale": 5e5, "forward_loss_scale": 1.0, "unet_reg_scale": 100.0,
-                      "source": "jaylee2000/rsm sd15_first_order config/simple_res-nabladb_sd_hps_usez0_basesnr.yaml "
-                                "(digest §9.1): reward_scale 5e5, unet_reg_scale 100, forward_loss_scale 1"},
+                      "timestep_fraction": 0.2, "low_var_subsampling": True,
+                      "source": "jaylee2000/rsm@e8be3df sd15_first_order/config/"
+                                "simple_res-nabladb_sd_hps_usez0_basesnr.yaml (digest §9.1): reward_scale 5e5, "
+                                "unet_reg_scale 1e2, forward_loss_scale 1, timestep_fraction 0.2, "
+                                "low_var_subsampling true"},
         "sd35_ours": {"reward_scale": 1.5e7, "unet_reg_scale": 0.0, "eta_mode": "linear", "clip": "quantile",
-                      "source": "jaylee2000/rsm sd35_first_order config/hpsv2_geneval_ours.py (digest §9.2): "
-                                "reward_scale 1.5e7, eta_mode linear, use_saved_rgrad_x1"},
+                      "timestep_fraction": 1.0,
+                      "source": "jaylee2000/rsm@e8be3df sd35_first_order/config/hpsv2_geneval_ours.py over "
+                                "config/default_config.py (digest §9.2): reward_scale 1.5e7, eta_mode linear, "
+                                "use_saved_rgrad_x1, unet_reg_scale 0, timestep_fraction 1"},
     }
 
     def clipper(self, ctx):
@@ -83,8 +103,13 @@ class RSMFirstOrder(Method):
         r, g = reward_and_grad(ctx.reward, ro.final, cond)
         if ctx.process.kind == "flow":
             self.clipper(ctx).reset()  # τ reset at each sampling phase (VGG-Flow code)
-        return Batch(rollout=ro, rows=ro.transitions(only_stochastic=False), rewards=r, cond=cond,
-                     extras={"terminal_grad": g})
+        rows = weights.subsampled_rows(ro.transitions(only_stochastic=False), ctx.process, ctx.hp, seeds[0])
+        return Batch(rollout=ro, rows=rows, rewards=r, cond=cond, extras={"terminal_grad": g})
+
+    def unet_reg(self, ctx) -> float:
+        """``unet_reg_scale``, or the process's "Ours" value when it is None (see the module docstring)."""
+        v = ctx.hp.get("unet_reg_scale")
+        return self.UNET_REG_OURS[ctx.process.kind] if v is None else float(v)
 
     def _G(self, batch, ctx):
         g = batch.extras["terminal_grad"]
@@ -110,7 +135,7 @@ class RSMFirstOrder(Method):
             eta = (1 - sigma) ** 2 if hp["eta_mode"] == "quad" else (1 - sigma)
             v_tgt = out_ref - _el(lam * eta, G) * G
             match = elementwise_mean((out - v_tgt.detach()) ** 2)
-        reg = hp["unet_reg_scale"] * elementwise_mean((out - rows.out_behaviour) ** 2)
+        reg = self.unet_reg(ctx) * elementwise_mean((out - rows.out_behaviour) ** 2)
         return (match + reg).mean()
 
     # -- RSM instance -----------------------------------------------------------------------------------
@@ -118,7 +143,7 @@ class RSMFirstOrder(Method):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
         R, dt = len(rows), rows.x.dtype
         G = self._G(batch, ctx)
-        c2 = torch.full((R,), float(hp["unet_reg_scale"]), dtype=dt)
+        c2 = torch.full((R,), self.unet_reg(ctx), dtype=dt)
         if p.kind == "diffusion":
             return RSMSpec(rows=rows, psi=stein_shift(p, rows, G, hp["reward_scale"]), gamma=torch.ones(R, dtype=dt),
                            c1=hp["forward_loss_scale"] * weights.kl_natural(p, rows, 2.0), c2=c2, anchor="ref")

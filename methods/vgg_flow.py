@@ -7,8 +7,13 @@ g_φ = −η_τ·sg(∇r(x̂_1(x_τ))) + ν_φ(x_τ, τ) (their §4). Code: lzzc
 repo, ``sd35_first_order/lib/vggflow/{algorithm,trainer,reward_gradient}.py`` (digest §8.1).
 Table 1 row: "VGG-Flow‡" (current-state estimator; † after pruning ν_φ and the auxiliary losses).
 
-Original (per row = sample × step of a 20-step Euler ODE rollout; mean over rows, which is the
-code's per-timestep batch mean summed over timesteps / (grad_accum · n_train_timesteps)):
+Original (per row = sample × trained step of a 20-step Euler ODE rollout; mean over rows, which is
+the code's per-timestep batch mean summed over timesteps / (grad_accum · n_train_timesteps)). The RSM
+port trains every step (``model.timestep_fraction = 1.0``); the original VGG-Flow trains
+``timestep_fraction 0.25`` with low-variance subsampling (the last step plus one uniform step per
+block of 4, ``rsmbench.core.weights.train_steps``) and clamps every trained index to ≥ 1, so the first
+step (σ = 1) is never trained (lzzcd001/vggflow@978f1fb ``train_vggflow.py:378-380, 535-575``;
+``min_train_step`` 1 in its presets):
     g      = clip_τ(∇_{x̂_0} r(x̂_0)),  x̂_0 = x_t + (σ_last − σ)·sg(v_θ(x_t))   (identity Jacobian)
     v_tgt  = v_ref(x_t) − λ·η(σ)·g  [+ ν_φ(x_t, t)  if use_value_net]
     L      = ⟨(v_θ − sg(v_tgt))²⟩ + unet_reg·⟨(v_θ − v_θ†)²⟩
@@ -106,15 +111,34 @@ class VGGFlow(Method):
                      "value_scale → 0); consistency/terminal losses do not reach θ")
     defaults = {"reward_scale": 1.0, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
                 "clip_quantile": 0.8, "clip_threshold": None, "use_value_net": False, "coeff_terminal": 1000.0,
-                "value_scale": 1.0, "value_seed": 2000}
+                "value_scale": 1.0, "value_seed": 2000,
+                "timestep_fraction": 1.0, "low_var_subsampling": True, "subsample_seed": 0, "min_train_step": 0}
     presets = {
         "sd35_baseline": {"reward_scale": 3e7, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
-                          "use_value_net": False,
-                          "source": "jaylee2000/rsm sd35_first_order/config/default_config.py (pruned baseline)"},
+                          "use_value_net": False, "timestep_fraction": 1.0,
+                          "source": "jaylee2000/rsm@e8be3df sd35_first_order/config/default_config.py (pruned "
+                                    "baseline: reward_scale 3e7, eta_mode quad, unet_reg_scale 0, use_value_net "
+                                    "False, quantile_clipping True, timestep_fraction 1.0)"},
         "sd35_value_net": {"reward_scale": 3e7, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
-                           "use_value_net": True, "coeff_terminal": 1000.0,
-                           "source": "jaylee2000/rsm sd35_first_order/config/default_config.py "
-                                     "(model.use_value_net=True, training.coeff_terminal=1000); VGG-Flow paper"},
+                           "use_value_net": True, "coeff_terminal": 1000.0, "timestep_fraction": 1.0,
+                           "source": "not a published config: jaylee2000/rsm@e8be3df sd35_first_order/config/"
+                                     "default_config.py (which has model.use_value_net = False, :36) with the value "
+                                     "net switched on, as its comments ':15-16 # 1 for value_net True' anticipate; "
+                                     "coeff_terminal 1000 from the same file"},
+        "vggflow_original": {"reward_scale": 1e3, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
+                             "use_value_net": True, "coeff_terminal": 1000.0, "timestep_fraction": 0.25,
+                             "low_var_subsampling": True, "min_train_step": 1,
+                             "source": "lzzcd001/vggflow@978f1fb config/default_config.py + config/aesthetic.py "
+                                       "(reward_scale 1e3, timestep_fraction 0.25, low_var_subsampling True, "
+                                       "use_value_net True, coeff_terminal 1000, eta_mode quad, unet_reg_scale 0, "
+                                       "quantile_clipping True; lr 1e-4 is a task setting); train_vggflow.py:575 "
+                                       "(indices clamped to ≥ 1)"},
+        "vggflow_run_sh": {"reward_scale": 1e4, "eta_mode": "linear", "unet_reg_scale": 0.0, "clip": "quantile",
+                           "use_value_net": True, "coeff_terminal": 1e4, "timestep_fraction": 0.25,
+                           "low_var_subsampling": True, "min_train_step": 1,
+                           "source": "lzzcd001/vggflow@978f1fb run.sh (config/aesthetic.py with reward_scale 1e4, "
+                                     "unet_reg_scale 0, low_var_subsampling True, coeff_terminal 1e4, eta_mode "
+                                     "linear; lr 1e-3 is a task setting)"},
         "toy_value_net": {"use_value_net": True,
                           "source": "this repo: the unpruned original at toy reward scale (λ = 1), for gap checks"},
     }
@@ -150,8 +174,9 @@ class VGGFlow(Method):
         ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond,
                     stochastic=torch.zeros(N, dtype=torch.bool), dtype=_dtype(ctx))
         self.clipper(ctx).reset()  # the code resets τ to 1.0 at every epoch's sampling phase
-        return Batch(rollout=ro, rows=ro.transitions(only_stochastic=False),
-                     rewards=ctx.reward(ro.final, cond), cond=cond)
+        rows = weights.subsampled_rows(ro.transitions(only_stochastic=False), ctx.process, ctx.hp, seeds[0],
+                                       int(ctx.hp.get("min_train_step", 0)))
+        return Batch(rollout=ro, rows=rows, rewards=ctx.reward(ro.final, cond), cond=cond)
 
     # -- the original -------------------------------------------------------------------------------
     def _rgrad(self, ctx, x, v, sigma, cond, clip):

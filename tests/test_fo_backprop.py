@@ -203,7 +203,8 @@ def test_lv_and_target_losses_agree(method, hp, kind):
 @pytest.mark.parametrize("method,kind", [("draft", "flow"), ("rsm_fo", "diffusion"), ("refl", "diffusion"),
                                          ("adjoint_matching", "flow")])
 def test_image_shaped_states(method, kind):
-    m, ctx = make_ctx(method, kind, arch="unet", num_steps=3, hp=dict(k=2) if method == "draft" else None)
+    hp = {"draft": dict(k=2), "adjoint_matching": dict(train_timesteps=2)}.get(method)  # 3 steps: 1 early + 1 late
+    m, ctx = make_ctx(method, kind, arch="unet", num_steps=3, hp=hp)
     batch = collect(m, ctx, n=2)
     g_o, g_r = grads(m, batch, ctx)
     assert g_o.abs().max() > 0 and rel(g_o, g_r) <= TOL

@@ -148,7 +148,10 @@ def test_prompt_lists():
     animals = fs.load_prompts("simple_animals")
     assert len(animals) == 45 and len(set(animals)) == 45 and animals[:3] == ["cat", "dog", "horse"]
     inet = fs.load_prompts("imagenet_animals")
-    assert len(inet) == 398 and inet[0] == "tench" and inet[397] == "puffer"
+    # DDPO's prompt is the whole stripped line of imagenet_classes.txt, synonyms included
+    # (kvablack/ddpo-pytorch@1958463 ddpo_pytorch/prompts.py:23,36; assets/imagenet_classes.txt:1-398)
+    assert len(inet) == 398 and inet[0] == "tench, Tinca tinca"
+    assert inet[397] == "puffer, pufferfish, blowfish, globefish"
 
 
 def test_missing_model_is_one_line(tmp_path, monkeypatch):

@@ -91,16 +91,17 @@ def test_diffusion_pcpo_reweight_is_flat():
 
 def test_diffusion_first_order_nabla_db_and_ours():
     """∇-DB: κ = (2·fls·k·λ)·ᾱ_{t−1}·w_t/σ_t; RSM-FO: κ = (2·fls·2·λ/2)… i.e. ∝ σ_t·w_t = c1 − c2.
-    The digest prints κ without the presets' constant factors; they are divided out here."""
+    The digest prints κ without the presets' constant factors; they are divided out here. κ is per row:
+    the presets' timestep subsampling (which steps are trained) is switched off to read every step."""
     m = registry.get("nabla_db")
     hp = m.hparams(influence.PRESETS["diffusion"]["nabla_db"])
-    df = influence.kappa_profile("nabla_db", "diffusion")
+    df = influence.kappa_profile("nabla_db", "diffusion", hp={"timestep_fraction": 1.0})
     scale = 2 * hp["forward_loss_scale"] * hp["pretrained_strength"] * hp["reward_scale"]
     got = _at(df, DIFF_T).kappa / scale
     for v, p in zip(got, K_NDB):
         assert abs(v - p) <= _half_ulp(p), (v, p)
     hp = registry.get("rsm_fo").hparams("sd15_ours")
-    df = influence.kappa_profile("rsm_fo", "diffusion")
+    df = influence.kappa_profile("rsm_fo", "diffusion", hp={"timestep_fraction": 1.0})
     # c1 = fls·w²/2·2 (kl_natural, β = 2), ψ = λ·σ²·G/B: κ = 2·fls·λ·w²·σ²/|B| = 2·fls·λ·σ·w
     got = _at(df, DIFF_T).kappa / (2 * hp["forward_loss_scale"] * hp["reward_scale"])
     _assert_printed(got, K_OURS)

@@ -42,6 +42,6 @@ def test_row_chunks_split_per_row_data():
     assert [len(p.rows) for p in parts] == [R // 4] * 4
     assert [f for _, f in row_chunks(batch, R // 4, total_rows=2 * R)] == [1 / 8] * 4  # a share of N processes
     for p in parts:
-        assert len(p.row_data["lean_adjoint_next"]) == len(p.rows)
-    assert torch.equal(torch.cat([p.row_data["lean_adjoint_next"] for p in parts]),
-                       batch.row_data["lean_adjoint_next"])
+        assert len(p.row_data["lean_adjoint"]) == len(p.rows)
+    assert torch.equal(torch.cat([p.row_data["lean_adjoint"] for p in parts]),
+                       batch.row_data["lean_adjoint"])

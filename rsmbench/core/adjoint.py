@@ -11,6 +11,8 @@ the adjoint of a terminal function f(x_N) is a_N = ∇f(x_N) and
 - ``chain_adjoint(behaviour, …)``: the exact adjoint a_i = d r(x_N)/d x_i of the behaviour chain
   (θ†), the Ψ̂ of DRaFT/AlignProp's RSM instance (digest §8.11): by the chain rule,
   ∇_θ r(x_N(θ))|_{θ†} = Σ_i a_{i+1}ᵀ·B_i·∂o_θ(x_i)/∂θ with x_i held at their rollout values.
+  ``through_net`` (a bool per position) drops the network term of the steps whose output is detached
+  in the original (AlignProp's per-step truncation): there a_i = A_i·a_{i+1}.
 - ``lean_adjoint(base, …)``: Adjoint Matching's lean adjoint (Domingo-Enrich et al. 2024,
   arXiv 2409.08861, §4, the "lean adjoint" ODE dã/dt = −(∇_x b(X_t, t))ᵀ·ã,
   ã(1) = −λ∇r(X_1)), discretised on the sampler grid: the same recursion through the *base*
@@ -28,11 +30,15 @@ from rsmbench.core.models import Policy
 from rsmbench.core.rollout import Rollout
 
 
-def vjp_step(policy: Policy, x: torch.Tensor, i: int, cond, a_next: torch.Tensor, stochastic: bool = True):
-    """(∂x_{i+1}/∂x_i)ᵀ·a_next for one step of `policy` at state x (no graph is kept)."""
+def vjp_step(policy: Policy, x: torch.Tensor, i: int, cond, a_next: torch.Tensor, stochastic: bool = True,
+             through_net: bool = True):
+    """(∂x_{i+1}/∂x_i)ᵀ·a_next for one step of `policy` at state x (no graph is kept);
+    ``through_net=False``: the step's network output held fixed, A_i·a_next."""
     tab = policy.process.table(stochastic)
     A = tab.A[i].to(x.dtype)
     B = tab.B[i].to(x.dtype)
+    if not through_net:
+        return A * a_next
     with torch.enable_grad():
         z = x.detach().requires_grad_(True)
         out = policy(z, i, cond)
@@ -42,11 +48,12 @@ def vjp_step(policy: Policy, x: torch.Tensor, i: int, cond, a_next: torch.Tensor
 
 @torch.no_grad()
 def chain_adjoint(policy: Policy, rollout: Rollout, terminal_grad: torch.Tensor,
-                  first: int = 0) -> torch.Tensor:
+                  first: int = 0, through_net=None) -> torch.Tensor:
     """a_j = d f(x_N)/d x_j along the stored path, for rollout positions j = first … n.
 
     Returns (B, n+1, *shape) with zeros before `first` (positions are rollout-local: position j
     is the state before the rollout's j-th transition, position n the final sample).
+    through_net: bool per transition (default all True), see the module docstring.
     """
     n = rollout.steps.numel()
     adj = torch.zeros_like(rollout.states)
@@ -54,7 +61,8 @@ def chain_adjoint(policy: Policy, rollout: Rollout, terminal_grad: torch.Tensor,
     adj[:, n] = a
     for j in range(n - 1, first - 1, -1):
         i = int(rollout.steps[j])
-        a = vjp_step(policy, rollout.states[:, j], i, rollout.cond, a, bool(rollout.stochastic[j]))
+        a = vjp_step(policy, rollout.states[:, j], i, rollout.cond, a, bool(rollout.stochastic[j]),
+                     True if through_net is None else bool(through_net[j]))
         adj[:, j] = a
     return adj
 

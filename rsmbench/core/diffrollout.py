@@ -9,7 +9,10 @@ A behaviour rollout (``rsmbench.core.rollout.sample``, no grad) stores the initi
 so at θ = θ† it reproduces the behaviour states exactly, and its final state x_N(θ) is
 differentiable in θ. Truncation (DRaFT-K, Clark et al. 2023, arXiv 2309.17400, §4.1; AlignProp,
 Prabhudesai et al. 2023, arXiv 2310.03739, §3.2): the first N−K steps run without grad (with the
-current θ), only the last K steps build a graph. ``checkpoint=True`` wraps each differentiable
+current θ), only the last K steps build a graph. AlignProp's released loop instead detaches the network
+output of every step i with i < a fresh draw (``train_mask``: any set of trained steps; the untrained
+steps after the first trained one keep the affine x-path A_i·x_i of the graph, exactly as a
+``.detach()`` of their noise prediction does). ``checkpoint=True`` wraps each differentiable
 network call in ``torch.utils.checkpoint`` (AlignProp's memory saver): activations are recomputed
 in the backward pass, the gradient is unchanged.
 
@@ -33,13 +36,14 @@ def _call(policy: Policy, x, i: int, cond, use_ckpt: bool):
 
 def replay(policy: Policy, x_start: torch.Tensor, noises: torch.Tensor, cond=None, stochastic=None,
            start_step: int = 0, k: int | None = None, checkpoint: bool = False,
-           all_states: bool = False):
+           all_states: bool = False, train_mask=None):
     """Re-run the sampler from stored draws with the current θ; grad only through the last k steps.
 
     x_start: (B, *shape) state at ``start_step`` (the stored initial noise for start_step = 0);
     noises: (B, n, *shape) the stored ξ of steps start_step … start_step+n−1 (ignored where the
     step is deterministic); stochastic: bool per process step (default all stochastic);
-    k: number of trailing steps that carry grad (None: all n). Returns the final state, or every
+    k: number of trailing steps that carry grad (None: all n); train_mask: bool per replayed step
+    (overrides k), the steps whose network output carries grad. Returns the final state, or every
     state (B, n+1, *shape) when ``all_states``.
     """
     process = policy.process
@@ -47,14 +51,22 @@ def replay(policy: Policy, x_start: torch.Tensor, noises: torch.Tensor, cond=Non
     k = n if k is None else int(k)
     if not 0 <= k <= n:
         raise ValueError(f"truncation k must lie in [0, {n}], got {k}")
+    train = [j >= n - k for j in range(n)] if train_mask is None else [bool(v) for v in train_mask]
+    if len(train) != n:
+        raise ValueError(f"train_mask must have {n} entries, got {len(train)}")
+    first = next((j for j, t in enumerate(train) if t), n)  # before it, nothing needs a graph
     sto = torch.ones(process.num_steps, dtype=torch.bool) if stochastic is None else \
         torch.as_tensor(stochastic, dtype=torch.bool)
+    grad_on = torch.is_grad_enabled()
     x, states = x_start, [x_start]
     for j in range(n):
         i = start_step + j
-        grad = j >= n - k
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            out = _call(policy, x, i, cond, checkpoint and grad)
+        with torch.set_grad_enabled(grad_on and j >= first):
+            if train[j]:
+                out = _call(policy, x, i, cond, checkpoint and grad_on)
+            else:
+                with torch.no_grad():
+                    out = policy(x, i, cond)
             x, _ = process.step(x, out, i, noises[:, j], stochastic=bool(sto[i]))
         states.append(x)
     return torch.stack(states, dim=1) if all_states else x

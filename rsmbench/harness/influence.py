@@ -68,7 +68,7 @@ SIGNALS = {
     # ReFL: ∇r at x̂0 of the row (§8.11)
     "refl": lambda m, b, ctx, rows: b.extras["x0_grad"],
     # Adjoint Matching: minus the lean adjoint at the next state (§4.1 adjoint-style)
-    "adjoint_matching": lambda m, b, ctx, rows: -b.row_data["lean_adjoint_next"],
+    "adjoint_matching": lambda m, b, ctx, rows: -b.row_data["lean_adjoint"],
     # DRaFT / AlignProp: ψ is the exact chain adjoint pulled back, not a multiple of one raw signal;
     # κ is measured against the terminal gradient ∇_{x_N} r (an RMS ratio: the effective Jacobian)
     "draft": lambda m, b, ctx, rows: b.extras["terminal_grad"][rows.sample],

@@ -100,12 +100,13 @@ def _tweedie_or_final(policy, x, step, cond, jacobian: bool):
     return torch.where(final.reshape(-1, *([1] * (x.dim() - 1))).to(x.device), x, x0)
 
 
-def _grad_of_reward(reward, fn, x, cond) -> torch.Tensor:
+def _grad_of_reward(reward, fn, x, cond, return_value: bool = False):
+    """∇_x r(fn(x)) per sample, detached; with ``return_value`` also r(fn(x)) itself."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         r = reward(fn(x), cond)
         (g,) = torch.autograd.grad(r.sum(), x)
-    return g.detach()
+    return (g.detach(), r.detach()) if return_value else g.detach()
 
 
 def current_state(policy, reward, x, step, cond=None, jacobian: bool = True) -> torch.Tensor:
@@ -120,10 +121,12 @@ def next_state(policy, reward, rows, jacobian: bool = True) -> torch.Tensor:
     return current_state(policy, reward, rows.x_next, rows.step + 1, rows.cond, jacobian)
 
 
-def lookahead(policy, reward, x, step, cond=None, k: int = 1, jacobian: bool = True) -> torch.Tensor:
+def lookahead(policy, reward, x, step, cond=None, k: int = 1, jacobian: bool = True,
+              return_value: bool = False):
     """G = ∇_x r(x̂0(Φ_k(x))): k deterministic steps (DDIM η = 0 / Euler ODE) of `policy` from
     step i, then Tweedie at step i + k (digest §4.1 lookahead; the RSM toy's SQDF-2 is k = 2).
-    Steps past the end stop at the final sample. k = 0 is ``current_state``."""
+    Steps past the end stop at the final sample. k = 0 is ``current_state``. ``return_value``:
+    (G, r(x̂0(Φ_k(x)))) (SQDF masks its loss with that reward's sign)."""
     if k < 0:
         raise ValueError(f"lookahead depth must be >= 0, got {k}")
     p = policy.process
@@ -139,5 +142,5 @@ def lookahead(policy, reward, x, step, cond=None, k: int = 1, jacobian: bool = T
             z = torch.where(live, z_next, z)
         return _tweedie_or_final(policy, z, step + k, cond, jacobian)
 
-    return _grad_of_reward(reward, chain, x, cond)
+    return _grad_of_reward(reward, chain, x, cond, return_value)
 
