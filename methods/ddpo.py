@@ -47,7 +47,7 @@ class DDPO(Method):
     table1 = "not a Table 1 row (digest §8.11): the PPO / GRPO / PCPO-base row on diffusion"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
     defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
-                "buffer_size": 32, "min_count": 16}
+                "buffer_size": 32, "min_count": 16, "adv_eps": 1e-6}
     presets = {
         "ddpo_pytorch": {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
                          "buffer_size": 32, "min_count": 16,
@@ -69,18 +69,18 @@ class DDPO(Method):
         """The tracker's per-prompt histories (plain lists: ``torch.load(weights_only=True)`` reads them)."""
         return {} if self.tracker is None else {"stats": {int(k): list(v) for k, v in self.tracker.stats.items()},
                                                 "buffer_size": self.tracker.buffer_size,
-                                                "min_count": self.tracker.min_count}
+                                                "min_count": self.tracker.min_count, "eps": self.tracker.eps}
 
     def load_state_dict(self, st: dict) -> None:
         if st:
-            self.tracker = PerPromptStatTracker(st["buffer_size"], st["min_count"], eps=1e-6)
+            self.tracker = PerPromptStatTracker(st["buffer_size"], st["min_count"], eps=st["eps"])
             self.tracker.stats = {k: deque(v, maxlen=st["buffer_size"]) for k, v in st["stats"].items()}
 
     def prepare(self, batch, ctx):
         hp = ctx.hp
         if hp["per_prompt_stat_tracking"] and batch.cond is not None:
             if self.tracker is None:
-                self.tracker = PerPromptStatTracker(hp["buffer_size"], hp["min_count"], eps=1e-6)
+                self.tracker = PerPromptStatTracker(hp["buffer_size"], hp["min_count"], eps=hp["adv_eps"])
             adv = self.tracker.update(batch.cond, batch.rewards)
         else:  # ddpo-pytorch: batch z-score, (r − mean)/(std + 1e-8)
             adv = group_advantages(batch.rewards, None, eps=1e-8)
