@@ -126,13 +126,18 @@ class DPOK(Method):
         return total
 
     # ---- the method ---------------------------------------------------------------------------------
+    def collect(self, ctx, cond, seeds):
+        batch = super().collect(ctx, cond, seeds)
+        batch.extras["own_rewards"] = batch.rewards  # this process's (DDP's prepare sees the gathered ones)
+        return batch
+
     def prepare(self, batch, ctx):
         hp, rows, p = ctx.hp, batch.rows, ctx.process
         if hp["kl_form"] not in KL_FORMS:
             raise ValueError(f"dpok: kl_form must be one of {KL_FORMS}, got {hp['kl_form']!r}")
         if self.gen is None:
             self.gen = torch.Generator().manual_seed(int(hp["v_seed"]) + 1)
-        r = batch.rewards
+        r = batch.extras.get("own_rewards", batch.rewards)  # no group statistics: each process its own rows
         if hp["kl_in_reward"]:  # return α·r − β·Σ_t KL_t(θ†‖ref) per sample, as a reward (paper objective)
             with torch.no_grad():
                 mu_ref = p.mean(rows.x, ctx.ref(rows.x, rows.step, rows.cond), rows.step)
@@ -151,12 +156,13 @@ class DPOK(Method):
             adv = ret - self._v(train) if hp["value_baseline"] else ret
         train.sample = torch.arange(len(train))  # one advantage per training row
         batch.rows = train
-        batch.extras["advantages"] = adv.detach()
+        batch.row_data["advantage"] = adv.detach()  # split with the rows (micro-batches, DDP)
+        batch.extras["advantages"] = adv.detach()  # indexed by rows.sample (the influence harness reads it)
         batch.extras["replay_stats"] = stats
 
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
-        adv = batch.extras["advantages"][rows.sample]
+        adv = batch.row_data["advantage"]
         out = ctx.policy(rows.x, rows.step, rows.cond)
         mu = p.mean(rows.x, out, rows.step)
         log_ratio = p.log_prob(rows.x_next, mu, rows.step) - rows.log_prob
@@ -172,7 +178,7 @@ class DPOK(Method):
 
     def rsm_spec(self, batch, ctx):
         rows, hp, p = batch.rows, ctx.hp, ctx.process
-        A = hp["reward_weight"] * batch.extras["advantages"][rows.sample]
+        A = hp["reward_weight"] * batch.row_data["advantage"]
         b = hp["beta"]
         if hp["kl_form"] == "eps_mse":  # kl_weight·⟨Δε²⟩ = β_t·(w_t²/2)·⟨Δε²⟩, β_t = 2·kl_weight/w_t²
             b = 2 * b / p.weight(rows.step).to(rows.x.dtype) ** 2

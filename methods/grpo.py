@@ -50,6 +50,7 @@ from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import (
     clip_advantages,
     group_advantages,
+    local_advantages,
     nonzero_advantage_mask,
     per_prompt_advantages,
     timestep_mask,
@@ -126,7 +127,7 @@ class GRPO(Method):
         batch.extras["advantages"] = adv
         keep = timestep_mask(batch.rows, ctx.process.num_steps, hp["timestep_fraction"], s("timestep_rule"),
                              batch.extras.get("seeds"))
-        if s("drop_zero_adv"):
+        if s("drop_zero_adv") and local_advantages(batch, adv):
             keep &= nonzero_advantage_mask(batch.rows, adv)
         batch.rows = batch.rows.select(keep)
 

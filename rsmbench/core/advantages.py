@@ -127,6 +127,14 @@ def timestep_mask(rows, num_steps: int, fraction: float = 1.0, rule: str = "firs
     return keep
 
 
+def local_advantages(batch, adv: torch.Tensor) -> bool:
+    """Whether ``adv`` has one entry per sample of this batch's rollout. Under DDP
+    (``rsmbench.run.distributed.collect``) ``prepare`` sees the gathered rewards of every process but
+    only this process's rows, and not its shard's offset: a per-sample mask cannot be applied there,
+    so the zero-advantage samples stay (their policy term is zero; the KL term and the row count differ)."""
+    return batch.rollout is None or len(adv) == batch.rollout.batch_size
+
+
 def nonzero_advantage_mask(rows, adv: torch.Tensor) -> torch.Tensor:
     """(R,) bool: the rows whose sample (``rows.sample``) has A ≠ 0. flow_grpo drops the samples whose
     advantages are all zero (``scripts/train_sd3.py``@ac4c86e:797-817, and pads the kept set with random
@@ -159,7 +167,7 @@ def rsm_sampler_rows(batch, ctx, setting) -> torch.Tensor:
                                 setting("adv_eps"))
     keep = timestep_mask(batch.rows, ctx.process.num_steps, setting("timestep_fraction"), setting("timestep_rule"),
                          batch.extras.get("seeds"))
-    if setting("drop_zero_adv"):
+    if setting("drop_zero_adv") and local_advantages(batch, adv):
         keep &= nonzero_advantage_mask(batch.rows, adv)
     batch.rows = batch.rows.select(keep)
     return adv
