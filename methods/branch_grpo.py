@@ -1,22 +1,53 @@
 """Branch-GRPO: tree rollouts with shared prefixes, reward fusion and depth-wise advantages.
 
 Paper: Li, Wang et al. 2025, "BranchGRPO: Stable and Efficient GRPO with Structured Branching in
-Diffusion Models", arXiv 2509.06040: (1) branching rollouts: the SDE sampler splits at chosen
-steps into k children that share their prefix; (2) reward fusion: each internal node's value is
-fused from its descendant leaves' rewards (uniform average, or path-probability weighted), and
-advantages are standardised per depth; (3) width/depth pruning: only some nodes/depths are
-back-propagated (compute only; forward rollouts unchanged). The loss is DanceGRPO's PPO-clip
-(arXiv 2505.07818, Eq. 6–8) on every tree edge. Not in the RSM code; digest §8.8.
+Diffusion Models", arXiv 2509.06040: branching rollouts (the SDE sampler splits at chosen steps into
+children that share their prefix), reward fusion up the tree, advantages standardised per depth,
+width/depth pruning of the trained transitions; the loss is DanceGRPO's PPO-clip (arXiv 2505.07818,
+Eq. 6–8) on every tree edge. Digest §8.8.
+Code: Fredreic1849/BranchGRPO@ffc3c90 ``fastvideo/train_branchgrpo_flux.py`` (most likely the official
+release: the README carries the paper's title, the headers are ByteDance's; not confirmed) and its
+launch script ``scripts/finetune/finetune_flux_branchgrpo_8gpus.sh``@19fbb9f. As this file follows it:
+  - tree (``run_tree_sample_step``:354-542): every step of every node is a tree edge; at a split step
+    (``--tree_split_points 0,3,6,9``, 2 children each, 20 steps: 16 leaves) each child draws
+    x' = μ + σ·(s·ξ) with s = ``--tree_split_noise_scale`` 4.0 while its log-prob keeps σ
+    (``flux_step_with_split``:265-281; ``rsmbench.core.tree.branching_tree``);
+  - fusion (``compute_node_rewards_from_leaves``:545-652): ``mean`` = the uniform mean of the node's leaf
+    rewards (the script's ``TREE_PROB_WEIGHTED="false"``), or ``prob_weighted``: recursively, the softmax
+    of the children's split-edge ⟨log p⟩ (α = 1) weights the children's values (``tree.fuse_rewards``);
+  - advantages (``compute_hierarchical_advantages_by_depth``:655-687, called per tree :1149-1180): among
+    the nodes of one tree at one depth, (v − mean)/(std + 1e-8) with torch's unbiased std, 0 if the depth
+    has one node or std < 1e-6; every edge parent → child is trained with the child's advantage, clamped
+    to ±``adv_clip_max`` 5 in the loss (:1199-1218, :1546-1547). A node of this file's tree is a segment
+    of the authors' chain of one-step nodes; all of them carry its value, so per tree and depth = per
+    root and segment level here;
+  - depth pruning (:1268-1322): drops the edges whose child depth (= step + 1) is listed in
+    ``depth_pruning``, with the optional sliding window (``depth_pruning_slide``: the window moves one
+    depth shallower every ``depth_pruning_slide_interval`` training steps, up to ``depth_pruning_stop_depth``,
+    default the last split step);
+  - width pruning (:1324-1477), after depth pruning, only on edges after the last split (step > last
+    split step): mode 1 keeps, within each last-split branch, the first max(1, ⌊n·ratio⌋) edges by
+    advantage (a stable sort: ties keep the code's order); mode 2 keeps the best ⌊k/2⌋ and the worst
+    k − ⌊k/2⌋ of all of them, k = max(2, ⌊n·ratio⌋), ratio ``--width_pruning_ratio`` 0.5; the released
+    script has both prunings off;
+  - PPO clip ``--clip_range 1e-3`` (argparse default 1e-4), on the per-element-mean log-prob ratio.
+The split-edge noise at θ† (``split_noise_scale`` s): both log-probs use the step's σ, so ρ = 1 and the
+clip is inactive as on any edge, but the edge's gradient −A·∇⟨log N(x'; μ_θ, σ²)⟩ has x' − μ = s·σ·ξ:
+it is s times an unscaled edge's, and s² = 16 times the score-function gradient of the law the child was
+drawn from (N(μ, s²σ²)): not an unbiased REINFORCE estimate of that law. The RSM instance reproduces it
+exactly because its Ψ̂ uses the stored residual (x' − μ)/σ = s·ξ. Off θ†, the ξ-linear part of log ρ
+moves s times faster on split edges, so the clip binds there first.
 Table 1 row: "Branch-GRPO" (branching: Yes). Digest §7.2, §8.8.
 Equivalence kind: ``grad_at_behaviour``: per edge n → m the first-step gradient is −A_m·∇⟨log p_θ(m|n)⟩
 at θ = θ† (ρ = 1, clip inactive); pruning selects rows and is applied to both formulations.
-
-Reading of the paper where its formulas were not available here [I]: ``path_prob`` fusion weights
-leaf ℓ under node n by softmax over ℓ of Σ ⟨log p_θ†⟩ along the path n → ℓ; depth-wise
-normalisation standardises node values among the nodes of one depth within the grouping
-(``prompt``: all trees of a prompt); width pruning keeps, per root, the rows on the paths to the
-``width_keep`` highest- and ``width_keep`` lowest-reward leaves; depth pruning drops the rows of
-the listed depths.
+Deliberate deviations: the authors' FLUX sampler is DanceGRPO's η-SDE (std η·√Δt, ``--eta 0.3``); here
+the tree runs on the process's SDE (``sde_window`` an optional fixed window, not the code's
+``--mix_ode_sde_tree`` blocks). ``--init_same_noise`` (one initial noise for all trees of a step) is not
+modelled: every root has its own seed. The code steps the optimizer every ``gradient_accumulation_steps``
+(12) shuffled edges, each edge's loss divided by 12·⌊edges/trees⌋ (:1500-1596); here the training loop
+takes the mean over all kept edges (the loop owns the optimizer cadence). ``--pruning_step_ratio`` is 1
+(always prune). The sliding depth window counts training steps on the method object (a resumed run
+restarts the count unless the loop restores ``state_dict``).
 
 Rows: every stochastic transition of every node (a shared prefix is ONE row set, not copied per
 leaf); a row of node m carries A_m.
@@ -33,6 +64,8 @@ from rsmbench.core.method import Method, _dtype, register
 from rsmbench.core.rsm import RSMSpec
 from rsmbench.core.tree import branching_tree, fuse_rewards, node_advantages, sde_window, to_batch
 
+WIDTH_MODES = (0, 1, 2)
+
 
 @register
 class BranchGRPO(Method):
@@ -46,52 +79,101 @@ class BranchGRPO(Method):
              "advantages, pruning); DanceGRPO PPO-clip: arXiv 2505.07818, Eq. 6-8; RSM digest §8.8")
     table1 = "Branch-GRPO"
     kind_reason = "θ = θ† (ρ = 1, clip inactive) on every tree edge; pruning is row selection, shared by both"
-    defaults = {"split_steps": [1, 4], "ks": [2, 2], "sde_window": None, "fusion": "mean",
-                "group_strategy": "prompt", "clip_range": 1e-4, "adv_clip_max": 5.0, "adv_eps": 1e-4,
-                "width_keep": None, "prune_depths": []}
+    defaults = {"split_steps": [1, 4], "ks": [2, 2], "split_noise_scale": 4.0, "sde_window": None, "fusion": "mean",
+                "group_strategy": "seed", "clip_range": 1e-3, "adv_clip_max": 5.0, "adv_eps": 1e-8,
+                "adv_unbiased": True, "adv_zero_std": 1e-6, "width_pruning_mode": 0, "width_pruning_ratio": 0.5,
+                "depth_pruning": [], "depth_pruning_slide": False, "depth_pruning_slide_interval": 1,
+                "depth_pruning_stop_depth": None}
     presets = {
-        "branchgrpo": {"split_steps": [0, 3, 6, 9], "ks": [2, 2, 2, 2], "fusion": "path_prob",
-                       "group_strategy": "prompt", "clip_range": 1e-4, "adv_clip_max": 5.0,
-                       "source": "arXiv 2509.06040 §4 (our reading: 20-step sampler, splits at steps 0/3/6/9 with "
-                                 "2 children each = 16 leaves per prompt; DanceGRPO clip 1e-4, adv clip 5)"},
-        "branchgrpo_pruned": {"split_steps": [0, 3, 6, 9], "ks": [2, 2, 2, 2], "fusion": "path_prob",
-                              "width_keep": 2, "prune_depths": [4],
-                              "source": "arXiv 2509.06040 §3.4 width + depth pruning (our reading of the "
-                                        "kept-leaf count and pruned depth)"},
+        "branchgrpo": {"split_steps": [0, 3, 6, 9], "ks": [2, 2, 2, 2], "split_noise_scale": 4.0, "fusion": "mean",
+                       "group_strategy": "seed", "clip_range": 1e-3, "adv_clip_max": 5.0,
+                       "width_pruning_mode": 0, "depth_pruning": [],
+                       "source": "Fredreic1849/BranchGRPO@19fbb9f scripts/finetune/finetune_flux_branchgrpo_8gpus.sh "
+                                 "(--sampling_steps 20, TREE_SPLIT_POINTS 0,3,6,9, TREE_SPLIT_NOISE_SCALE 4.0, "
+                                 "TREE_PROB_WEIGHTED false, --clip_range 1e-3, --adv_clip_max 5.0, DEPTH_PRUNING '', "
+                                 "WIDTH_PRUNING_MODE 0); 2 children per split hard-coded in "
+                                 "fastvideo/train_branchgrpo_flux.py@ffc3c90:405"},
+        "branchgrpo_pruned": {"split_steps": [0, 3, 6, 9], "ks": [2, 2, 2, 2], "split_noise_scale": 4.0,
+                              "fusion": "mean", "clip_range": 1e-3, "adv_clip_max": 5.0,
+                              "width_pruning_mode": 1, "width_pruning_ratio": 0.5,
+                              "depth_pruning": [15, 16, 17, 18], "depth_pruning_slide": True,
+                              "depth_pruning_slide_interval": 30, "depth_pruning_stop_depth": 9,
+                              "source": "Fredreic1849/BranchGRPO@19fbb9f finetune_flux_branchgrpo_8gpus.sh with the "
+                                        "values its comments give (DEPTH_PRUNING '15,16,17,18', DEPTH_PRUNING_SLIDE "
+                                        "true, interval 30, stop depth 9, WIDTH_PRUNING_MODE 1) and argparse "
+                                        "--width_pruning_ratio 0.5 (train_branchgrpo_flux.py@ffc3c90:2103)"},
     }
+
+    def __init__(self):
+        self.step_count = 0  # training steps taken: the sliding depth-pruning window moves with it
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.step_count = int(st.get("step_count", 0))
 
     def collect(self, ctx, cond, seeds):
         hp, N = ctx.hp, ctx.process.num_steps
         mask = None if hp["sde_window"] is None else sde_window(N, *hp["sde_window"])
         tree = branching_tree(ctx.behaviour, ctx.shape, cond, list(seeds), hp["split_steps"], hp["ks"],
-                              stochastic=mask, dtype=_dtype(ctx))
+                              stochastic=mask, dtype=_dtype(ctx), split_noise_scale=hp["split_noise_scale"])
         return to_batch(tree, ctx.reward)
 
     def prepare(self, batch, ctx):
         tree, leaves, hp = batch.extras["tree"], batch.extras["leaves"], ctx.hp
-        values = fuse_rewards(tree.parent, leaves, batch.rewards, tree.node_log_prob(), hp["fusion"])
+        values = fuse_rewards(tree.parent, leaves, batch.rewards, tree.edge_log_prob(), hp["fusion"])
         nodes = torch.arange(tree.num_nodes)
-        batch.extras["node_values"] = values
-        batch.extras["advantages"] = node_advantages(tree, values, nodes, tree.depth, hp["group_strategy"],
-                                                     hp["adv_eps"], hp["adv_clip_max"])
-        keep = self._kept_nodes(tree, leaves, batch.rewards, hp)
-        batch.rows = batch.rows.select(keep[batch.rows.sample])
+        adv = node_advantages(tree, values, nodes, tree.depth, hp["group_strategy"], hp["adv_eps"], None,
+                              hp["adv_unbiased"], hp["adv_zero_std"])
+        batch.extras["node_values"], batch.extras["node_advantages"] = values, adv  # unclipped (the code's)
+        batch.extras["advantages"] = adv.clamp(-hp["adv_clip_max"], hp["adv_clip_max"])
+        self.step_count += 1  # the code's training step counts from 1 (main loop :1857)
+        keep = self.kept_rows(tree, batch.rows, adv, hp, self.step_count)
+        batch.rows = batch.rows.select(keep)
 
     @staticmethod
-    def _kept_nodes(tree, leaves, rewards, hp) -> torch.Tensor:
-        """(M,) bool: nodes whose rows are trained after width and depth pruning."""
-        keep = torch.ones(tree.num_nodes, dtype=torch.bool)
-        if hp["width_keep"] is not None:
-            keep[:] = False
-            n = int(hp["width_keep"])
-            for r in torch.unique(tree.root[leaves]):
-                lv, rw = leaves[tree.root[leaves] == r], rewards[tree.root[leaves] == r]
-                order = torch.argsort(rw)
-                for leaf in torch.cat([lv[order[:n]], lv[order[-n:]]]).tolist():
-                    while leaf >= 0:  # the leaf and all its ancestors
-                        keep[leaf], leaf = True, int(tree.parent[leaf])
-        for d in hp["prune_depths"]:
-            keep &= tree.depth != int(d)
+    def depth_window(tree, hp, step_count: int) -> set:
+        """The child depths (= step + 1) that depth pruning drops at this training step (:1270-1300)."""
+        depths = sorted(int(d) for d in hp["depth_pruning"])
+        if not depths or not hp["depth_pruning_slide"]:
+            return set(depths)
+        splits = tree.extras["split_steps"]
+        stop = hp["depth_pruning_stop_depth"]
+        stop = (max(splits) if splits else 0) if stop is None else int(stop)
+        shift = min(step_count // max(1, int(hp["depth_pruning_slide_interval"])), max(0, depths[0] - stop))
+        return {d - shift for d in depths}
+
+    @classmethod
+    def kept_rows(cls, tree, rows, adv, hp, step_count: int = 1) -> torch.Tensor:
+        """(R,) bool: the rows trained after depth pruning, then width pruning (:1268-1477)."""
+        if int(hp["width_pruning_mode"]) not in WIDTH_MODES:
+            raise ValueError(f"branch_grpo: width_pruning_mode must be one of {WIDTH_MODES}")
+        drop = cls.depth_window(tree, hp, step_count)
+        keep = ~torch.isin(rows.step + 1, torch.tensor(sorted(drop), dtype=torch.long)) if drop else \
+            torch.ones(len(rows), dtype=torch.bool)
+        mode, splits = int(hp["width_pruning_mode"]), tree.extras["split_steps"]
+        if mode == 0 or not splits:
+            return keep
+        last = torch.nonzero(keep & (rows.step > max(splits))).flatten()  # edges after the last split
+        if last.numel() == 0:
+            return keep
+        rank = tree.dfs_rank()  # the code's edge order (collect_all_transitions), for ties
+        order = sorted(last.tolist(), key=lambda r: (int(rank[rows.sample[r]]), int(rows.step[r])))
+        a = adv[rows.sample].tolist()
+        ratio = float(hp["width_pruning_ratio"])
+        kept = []
+        if mode == 1:  # per last-split branch (the leaf whose segment the edge is in), best first
+            for node in dict.fromkeys(int(rows.sample[r]) for r in order):
+                group = sorted((r for r in order if int(rows.sample[r]) == node), key=lambda r: -a[r])
+                kept += group[:max(1, int(len(group) * ratio))]
+        else:  # best and worst of all last-layer edges
+            srt = sorted(order, key=lambda r: -a[r])
+            k = max(2, int(len(srt) * ratio))
+            best = k // 2
+            kept = srt[:best] + (srt[-(k - best):] if k - best > 0 else [])
+        keep[last] = False
+        keep[torch.tensor(sorted(set(kept)), dtype=torch.long)] = True
         return keep
 
     def original_loss(self, batch, ctx):

@@ -2,8 +2,13 @@
 
 Paper: Black, Janner, Du, Kostrikov, Levine 2023, arXiv 2305.13301, §4.3 Eq. 4 (DDPO_IS: the
 importance-sampled per-step policy gradient) with PPO's clipped trust region; code
-kvablack/ddpo-pytorch ``scripts/train.py`` (clip_range 1e-4, adv_clip_max 5, per-prompt stat
-tracking with buffer 32 / min_count 16, ``stat_tracking.py``).
+kvablack/ddpo-pytorch@1958463 ``scripts/train.py``:539-552 (PPO clip on clamp(A, ±adv_clip_max)),
+``config/base.py``:85-90 (adv_clip_max 5, clip_range 1e-4, timestep_fraction 1.0: every step trained),
+``ddpo_pytorch/stat_tracking.py`` (per-prompt history of the last ``buffer_size`` rewards, the batch's
+mean/std until a prompt has ``min_count``, population std + 1e-6), ``config/dgx.py`` (buffer 16 /
+min_count 16 for compressibility and incompressibility, :33-36; buffer 32 / min_count 16 for aesthetic,
+:56-59). The tracker persists across batches on the method object (``state_dict`` /
+``load_state_dict`` carry it through a checkpoint when the training loop calls them).
 Table 1 row: not a Table 1 row; it is the "PPO / GRPO / PCPO-base" row on diffusion (digest §8.5,
 §8.11: κ = w_t in native units, i.e. Ω_t/σ_t in score units).
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (ρ = 1, so no clip binds) with on-policy
@@ -18,6 +23,8 @@ RSM instance (digest §8.5, KL-free: anchor s_θ†):
     Ψ̂/a = −A·ξ/w_t (likelihood ratio, β = 1),  γ = 1,  C1·a² = w_t²/2,  C2 = 0 (clip instead).
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 
@@ -40,22 +47,40 @@ class DDPO(Method):
     table1 = "not a Table 1 row (digest §8.11): the PPO / GRPO / PCPO-base row on diffusion"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
     defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
-                "buffer_size": 32, "min_count": 16}
+                "buffer_size": 32, "min_count": 16, "adv_eps": 1e-6}
     presets = {
         "ddpo_pytorch": {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
                          "buffer_size": 32, "min_count": 16,
-                         "source": "kvablack/ddpo-pytorch config/base.py (train.clip_range, train.adv_clip_max) "
-                                   "and config/dgx.py (per_prompt_stat_tracking buffer_size 32, min_count 16)"},
+                         "source": "kvablack/ddpo-pytorch@1958463 config/base.py:85-87 (train.adv_clip_max 5, "
+                                   "train.clip_range 1e-4), config/dgx.py:47-60 aesthetic() (per_prompt_stat_tracking "
+                                   "buffer_size 32, min_count 16)"},
+        "ddpo_pytorch_compressibility": {
+            "clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True, "buffer_size": 16,
+            "min_count": 16,
+            "source": "kvablack/ddpo-pytorch@1958463 config/base.py:85-87 (train.adv_clip_max 5, train.clip_range "
+                      "1e-4), config/dgx.py:8-39 compressibility() / incompressibility() (per_prompt_stat_tracking "
+                      "buffer_size 16, min_count 16)"},
     }
 
     def __init__(self):
         self.tracker = None  # per-prompt history persists across batches, as in ddpo-pytorch
 
+    def state_dict(self) -> dict:
+        """The tracker's per-prompt histories (plain lists: ``torch.load(weights_only=True)`` reads them)."""
+        return {} if self.tracker is None else {"stats": {int(k): list(v) for k, v in self.tracker.stats.items()},
+                                                "buffer_size": self.tracker.buffer_size,
+                                                "min_count": self.tracker.min_count, "eps": self.tracker.eps}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st:
+            self.tracker = PerPromptStatTracker(st["buffer_size"], st["min_count"], eps=st["eps"])
+            self.tracker.stats = {k: deque(v, maxlen=st["buffer_size"]) for k, v in st["stats"].items()}
+
     def prepare(self, batch, ctx):
         hp = ctx.hp
         if hp["per_prompt_stat_tracking"] and batch.cond is not None:
             if self.tracker is None:
-                self.tracker = PerPromptStatTracker(hp["buffer_size"], hp["min_count"], eps=1e-6)
+                self.tracker = PerPromptStatTracker(hp["buffer_size"], hp["min_count"], eps=hp["adv_eps"])
             adv = self.tracker.update(batch.cond, batch.rewards)
         else:  # ddpo-pytorch: batch z-score, (r − mean)/(std + 1e-8)
             adv = group_advantages(batch.rewards, None, eps=1e-8)

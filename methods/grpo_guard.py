@@ -4,7 +4,14 @@ Paper: Wang, Liang, et al. 2025 (CVPR 2026), "GRPO-Guard: Mitigating Implicit Ov
 Flow Matching via Regulated Clipping", arXiv 2510.22319, §4.1 (RatioNorm: the per-step log-ratio
 is re-centred by its mean-shift bias ⟨(μ_θ − μ_θ†)²⟩/(2σ_s²) and scaled by the step std σ_s so that
 its distribution is comparable across steps) and §4.2 (gradient reweighting by 1/Δt to equalise
-steps); code: yifan123/flow_grpo ``grpo_guard`` and the RSM code's ``guard`` reweight (digest §8.10).
+steps); digest §8.10. Code: the RSM repository's ``guard`` reweight, jaylee2000/rsm@e8be3df
+``sd35_zeroth_order/flow_grpo/sd3_train_shared.py``:94-109 (ratio) and :147-148 (÷ Δt), with
+``--sampler default`` (``config/sd3_matrix.py``:151-162: global_std True, timestep_fraction 0.99;
+``scripts/train_sd3.py``:414,958 the first ⌊0.99·N⌋ transitions, :893-917 samples with all-zero
+advantages dropped; ``config/base.py``:98 clip 1e-4). GRPO-Guard's own release was not found (the audit:
+flow_grpo@ac4c86e predates it), so the RSM reimplementation is the reference.
+Deliberate deviation: KL-free. That sampler adds β·⟨Δμ²⟩/(2σ̃²) (``scripts/train_sd3.py``:1022-1031, β
+0.01 from its reward preset); the Table-1 GRPO-Guard row has no KL term.
 Table 1 row: "GRPO-Guard".
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (ρ̂ = 1 and the bias term has zero
 gradient there), on-policy rows, same x_t and ξ, terminal reward. Flow only.
@@ -20,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from rsmbench.core import estimators, trust, weights
-from rsmbench.core.advantages import per_prompt_advantages
+from rsmbench.core.advantages import RSM_SAMPLER as SAMPLER
+from rsmbench.core.advantages import rsm_sampler_rows
 from rsmbench.core.method import Method, register
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
@@ -37,17 +45,21 @@ class GRPOGuard(Method):
     paper = "GRPO-Guard: Wang et al. 2025, arXiv 2510.22319, §4.1 (RatioNorm), §4.2 (1/Δt reweighting); digest §8.10"
     table1 = "GRPO-Guard"
     kind_reason = "θ = θ† (normalised ratio 1, its bias term has zero gradient), on-policy rows, same x_t and ξ"
-    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "global_std": False}
+    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, **{k: None for k in SAMPLER["flow"]}}
     presets = {
-        "flow_grpo_guard": {"clip_range": 1e-4, "adv_clip_max": 5.0, "global_std": False,
-                            "source": "yifan123/flow_grpo (GRPO-Guard is distributed with Flow-GRPO; train.clip_range "
-                                      "1e-4, train.adv_clip_max 5); RSM code reweight 'guard' (digest §8.10)"},
+        "flow_grpo_guard": {"clip_range": 1e-4, "adv_clip_max": 5.0, **SAMPLER["flow"],
+                            "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss "
+                                      "ppo --reweight guard: flow_grpo/sd3_train_shared.py:94-109,147-148, "
+                                      "config/sd3_matrix.py:151-162 (global_std True, timestep_fraction 0.99), "
+                                      "config/base.py:96-98 (adv_clip_max 5, clip_range 1e-4); digest §8.10"},
     }
 
+    def setting(self, ctx, name):
+        v = ctx.hp.get(name)
+        return SAMPLER[ctx.process.kind][name] if v is None else v
+
     def prepare(self, batch, ctx):
-        hp = ctx.hp
-        batch.extras["advantages"] = per_prompt_advantages(batch.rewards, batch.cond, hp["adv_clip_max"],
-                                                           hp["global_std"])
+        batch.extras["advantages"] = rsm_sampler_rows(batch, ctx, lambda name: self.setting(ctx, name))
 
     def original_loss(self, batch, ctx):
         rows, p, eps = batch.rows, ctx.process, ctx.hp["clip_range"]

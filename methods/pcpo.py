@@ -1,9 +1,21 @@
 """PCPO-base: the log-ratio ("stable objective reformulation") PPO objective.
 
 Paper: Lee & Ye 2025 (ICLR 2026), "PCPO", arXiv 2509.25774, §3 (ρ → 1 + log ρ in the clipped
-objective) and its matching form; RSM code jaylee2000/rsm ``sd15_zeroth_order/train_grpo.py``
-(``loss_type="matching"``, ``noise_matching_precision: bad``, ``const_weight: null``), digest §6, §8.5.
+objective) and its matching form; digest §6, §8.5. Code: the RSM repository's reimplementation,
+jaylee2000/rsm@e8be3df, on its two non-branching samplers:
+  diffusion ``sd15_zeroth_order/train_grpo.py``: A = (r − mean)/(std + 1e-8) per prompt group, population
+    std (:866-871); the last transition is not stored (:784-791) and the other N − 1 are trained
+    (:368, :891-904, :980); matching term ½⟨(w_tΔε/s)²⟩ + ⟨w_tΔε·ξ/s⟩ with the DDPM inference weight
+    w_t = (c1 − c2)/σ_t (``compute_inference_weights``, :65-92) at ``const_weight: null``, s = 1, in
+    max(0, ε|A| + A·term) (:1093-1114); ``algorithm: logrho``: −A·(1 + log ρ) in the standard clip
+    (:1066-1077);
+  flow ``sd35_zeroth_order/scripts/train_sd3.py`` (``--sampler default --reweight base``): per-prompt
+    tracker with ``global_std`` (``config/sd3_matrix.py``:158-159: True, timestep_fraction 0.99),
+    samples with all-zero advantages dropped (:893-917), the first ⌊0.99·N⌋ transitions (:414, :958).
 Table 1 row: "PPO / GRPO / PCPO-base".
+Deliberate deviation: KL-free. The RSM SD3.5 default sampler adds β·⟨Δμ²⟩/(2σ̃²) (β from its reward
+preset, 0.01; geneval 0.004 with σ̃²Δt) to every reweight (``scripts/train_sd3.py``:1022-1031); the
+Table-1 PCPO-base row, and this file, have no KL term.
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (log ρ = 0, no clip binds), on-policy rows,
 same x_t and ξ, terminal reward. The two original forms have the same gradient everywhere off the
 kinks (their values differ by the constant −A − ε|A|); off-policy, rows with A·log ρ > ε|A| drop out.
@@ -21,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from rsmbench.core import estimators, trust, weights
-from rsmbench.core.advantages import per_prompt_advantages
+from rsmbench.core.advantages import RSM_SAMPLER as SAMPLER
+from rsmbench.core.advantages import rsm_sampler_rows
 from rsmbench.core.method import Method, register
 from rsmbench.core.rsm import RSMSpec
 
@@ -37,17 +50,32 @@ class PCPO(Method):
     paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3 (log-ratio objective); RSM digest §6, §8.5"
     table1 = "PPO / GRPO / PCPO-base"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
-    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "logrho", "global_std": False}
+    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "logrho",
+                **{k: None for k in SAMPLER["flow"]}}
     presets = {
-        "pcpo_base": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching",
-                      "source": "jaylee2000/rsm sd15_zeroth_order (loss_type matching, noise_matching_precision "
-                                "bad, const_weight null, train_do_clip, clip 1e-4); digest §6, §8.5"},
+        "pcpo_base": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching", **SAMPLER["diffusion"],
+                      "source": "jaylee2000/rsm@e8be3df sd15_zeroth_order/train_grpo.py (noise_matching_precision "
+                                "bad :1101-1102, train_do_clip :1109-1114, std(unbiased=False) + 1e-8 :870, last "
+                                "transition dropped :784-791); configs/train/hpsv2_1_lora_grpo.yaml (train_clip_range "
+                                "1e-4, train_adv_clip_max 5.0) with const_weight null, weight_scale_factor 1.0 (the "
+                                "values its comments give for the non-uw runs); digest §6, §8.5"},
+        "sd35_base": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching", **SAMPLER["flow"],
+                      "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss matching "
+                                "--reweight base: config/sd3_matrix.py:151-162 (global_std True, timestep_fraction "
+                                "0.99), config/base.py:98-100 (clip_range 1e-4), scripts/train_sd3.py:893-917"},
     }
 
+    def setting(self, ctx, name):
+        v = ctx.hp.get(name)
+        return SAMPLER[ctx.process.kind][name] if v is None else v
+
+    def collect(self, ctx, cond, seeds):
+        batch = super().collect(ctx, cond, seeds)
+        batch.extras["seeds"] = list(seeds)
+        return batch
+
     def prepare(self, batch, ctx):
-        hp = ctx.hp
-        batch.extras["advantages"] = per_prompt_advantages(batch.rewards, batch.cond, hp["adv_clip_max"],
-                                                           hp["global_std"])
+        batch.extras["advantages"] = rsm_sampler_rows(batch, ctx, lambda name: self.setting(ctx, name))
 
     def original_loss(self, batch, ctx):
         rows, p = batch.rows, ctx.process

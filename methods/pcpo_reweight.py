@@ -1,23 +1,35 @@
 """PCPO-reweight: PCPO's log-ratio objective with proportional per-step credit.
 
 Paper: Lee & Ye 2025 (ICLR 2026), "PCPO", arXiv 2509.25774, §3–4 (proportional credit: the
-per-step weight of the surrogate is replaced by a schedule proportional to the step size);
-RSM code jaylee2000/rsm: diffusion ``sd15_zeroth_order`` (``algorithm: uw-sigma``,
-``const_weight: 4.5``, ``weight_scale_factor: 8.70575``; digest §8.6), flow
-``sd35_zeroth_order/flow_grpo/sd3_train_shared.py`` (log-ratio × ζΔt/w^b, ζ = 4.3152134639895925;
-digest §8.7).
+per-step weight of the surrogate is replaced by a schedule proportional to the step size); digest
+§8.6–8.7. Code: the RSM repository, jaylee2000/rsm@e8be3df:
+  diffusion ``sd15_zeroth_order/train_grpo.py`` with ``configs/train/hpsv2_1_lora_grpo.yaml``
+    (``algorithm: uw-sigma``, ``const_weight: 4.5``, ``weight_scale_factor: 8.70575076181``,
+    ``noise_matching_precision: bad``): term = ½⟨(4.5·Δε/s)²⟩ + ⟨4.5·Δε·ξ/s⟩ in max(0, ε|A| + A·term)
+    (:1093-1114), s = 8.70575076181; samples and advantages as in ``methods/pcpo.py`` (population std
+    + 1e-8, the last transition not trained);
+  flow ``sd35_zeroth_order`` ``--sampler default --reweight pcpo`` (``flow_grpo/sd3_train_shared.py``):
+    the ppo path (``--loss ppo``, run_sd3.sh's default) uses ρ̃ = exp(Δ·ζΔt/w^b) inside the standard
+    clip (:88-92; w^b = ``compute_base_reweight_factor`` :52-62, ζ = 4.3152134639895925 :7): form
+    "ratio", the default here; ``--loss matching`` is term = ½⟨(ζΔt·Δv)²⟩ + ⟨ζΔt·Δv·ξ⟩ (:121-123):
+    form "matching"; PCPO's own log-ratio 1 + Δ̃ is form "logrho" (same first-step gradient, clip
+    threshold different at O(ε²)). Sampler: global_std True, first ⌊0.99·N⌋ transitions, samples with
+    all-zero advantages dropped (``config/sd3_matrix.py``:151-162, ``scripts/train_sd3.py``:414,893-917,958).
 Table 1 rows: "PCPO-reweight (diffusion)" and "PCPO-reweight (flow)".
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (log ρ = 0, no clip binds), on-policy rows,
-same x_t and ξ, terminal reward. Note (digest §8.6): the RSM code's SD1.5 sampler uses the
-``_get_std`` root for σ, so its own w_t is not 4.5; here the sampler is the process's DDPM step and
-the loss uses the constant credit κ = w/s exactly as the code does.
+same x_t and ξ, terminal reward.
+Deliberate deviations: the RSM code's SD1.5 sampler draws with the ``_get_std`` root σ whenever
+``'sigma' in algorithm`` (``diffusion/ddim_step.py``:34-50), so its own w_t is not 4.5 (digest §8.6);
+here the sampler is the process's DDPM step and the loss uses the constant credit κ = w/s exactly as
+the code does. KL-free: the SD3.5 default sampler adds β·⟨Δμ²⟩/(2σ̃²) (``scripts/train_sd3.py``:1022-1031,
+β 0.01 from its reward preset), which this Table-1 row does not have.
 
-Original (per row, mean over rows, A group-normalised and clipped to ±5), with credit κ_t:
-    diffusion: κ = w/s = 4.5/8.70575 (uniform); default form "matching":
+Original (per row, mean over the trained rows, A group-normalised and clipped to ±5), with credit κ_t:
+    diffusion: κ = w/s = 4.5/8.70575076181 (uniform); default form "matching":
         L = max(0, ε|A| + A·(½⟨(κΔε)²⟩ + ⟨κΔε·ξ⟩))
-    flow: κ_t = ζ·Δt_i; default form "logrho":
-        L = max(−A·(1 + Δ̃), −A·clip(1 + Δ̃, 1 ± ε)),  Δ̃ = (⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ_t/w^b_t
-    (either form on either process via ``form``; first-step gradient A·κ_t·⟨ξ·∂o_θ⟩ in both).
+    flow: κ_t = ζ·Δt_i; default form "ratio":
+        L = max(−A·ρ̃, −A·clip(ρ̃, 1 ± ε)),  ρ̃ = exp((⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ_t/w^b_t)
+    (any form on either process via ``form``; first-step gradient A·κ_t·⟨ξ·∂o_θ⟩ in all).
 RSM instance (digest §7.2, §8.6–8.7; KL-free, anchor s_θ†):
     Ψ̂/a = −A·ξ/w_t,  γ = κ_t/w_t,  C1·a² = w_t²/2,  C2 = 0 (clip instead).
 """
@@ -26,11 +38,12 @@ from __future__ import annotations
 import torch
 
 from rsmbench.core import estimators, trust, weights
-from rsmbench.core.advantages import per_prompt_advantages
+from rsmbench.core.advantages import RSM_SAMPLER as SAMPLER
+from rsmbench.core.advantages import rsm_sampler_rows
 from rsmbench.core.method import Method, register
 from rsmbench.core.rsm import RSMSpec
 
-DEFAULT_FORM = {"diffusion": "matching", "flow": "logrho"}
+DEFAULT_FORM = {"diffusion": "matching", "flow": "ratio"}
 
 
 @register
@@ -46,17 +59,31 @@ class PCPOReweight(Method):
     table1 = "PCPO-reweight (diffusion) / PCPO-reweight (flow)"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
     defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": None, "const_weight": 4.5,
-                "weight_scale_factor": 8.70575, "zeta": 4.3152134639895925, "global_std": False}
+                "weight_scale_factor": 8.70575076181, "zeta": 4.3152134639895925,
+                **{k: None for k in SAMPLER["flow"]}}
     presets = {
         "sd15": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching", "const_weight": 4.5,
-                 "weight_scale_factor": 8.70575,
-                 "source": "jaylee2000/rsm sd15_zeroth_order config (algorithm uw-sigma, const_weight 4.5, "
-                           "weight_scale_factor 8.70575); digest §8.6"},
-        "sd35": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "logrho", "zeta": 4.3152134639895925,
-                 "global_std": True,
-                 "source": "jaylee2000/rsm sd35_zeroth_order/flow_grpo/sd3_train_shared.py (pcpo reweight, "
-                           "ζ = 4.3152134639895925, global_std); digest §8.7, §9.4"},
+                 "weight_scale_factor": 8.70575076181, **SAMPLER["diffusion"],
+                 "source": "jaylee2000/rsm@e8be3df sd15_zeroth_order/configs/train/hpsv2_1_lora_grpo.yaml "
+                           "(algorithm uw-sigma, const_weight 4.5, weight_scale_factor 8.70575076181, "
+                           "noise_matching_precision bad, train_clip_range 1e-4, train_adv_clip_max 5.0), "
+                           "train_grpo.py:870 (std + 1e-8), :784-791 (last transition dropped); digest §8.6"},
+        "sd35": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "ratio", "zeta": 4.3152134639895925,
+                 **SAMPLER["flow"],
+                 "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss ppo "
+                           "--reweight pcpo: flow_grpo/sd3_train_shared.py:7,52-62,88-92 (ζ, w^b, ratio), "
+                           "config/sd3_matrix.py:151-162 (global_std True, timestep_fraction 0.99), config/base.py:98 "
+                           "(clip_range 1e-4); digest §8.7"},
     }
+
+    def setting(self, ctx, name):
+        v = ctx.hp.get(name)
+        return SAMPLER[ctx.process.kind][name] if v is None else v
+
+    def collect(self, ctx, cond, seeds):
+        batch = super().collect(ctx, cond, seeds)
+        batch.extras["seeds"] = list(seeds)
+        return batch
 
     @staticmethod
     def kappa(ctx, rows) -> torch.Tensor:
@@ -67,9 +94,7 @@ class PCPOReweight(Method):
         return torch.full((len(rows),), hp["const_weight"] / hp["weight_scale_factor"], dtype=rows.x.dtype)
 
     def prepare(self, batch, ctx):
-        hp = ctx.hp
-        batch.extras["advantages"] = per_prompt_advantages(batch.rewards, batch.cond, hp["adv_clip_max"],
-                                                           hp["global_std"])
+        batch.extras["advantages"] = rsm_sampler_rows(batch, ctx, lambda name: self.setting(ctx, name))
 
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp

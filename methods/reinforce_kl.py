@@ -9,9 +9,14 @@ x_t and ξ. Off-policy (θ ≠ θ†) the REINFORCE term is an A-weighted matchi
 while RSM puts A inside the target: they agree only in gradient at θ†.
 
 Original (per row = sample × step, mean over rows):
-    L = −A·⟨log p_θ(x'|x)⟩ + β·KL(p_θ(·|x) ‖ p_ref(·|x)),   A = r − mean_group(r)
+    L = −α·A·⟨log p_θ(x'|x)⟩ + β·KL(p_θ(·|x) ‖ p_ref(·|x)),   A = r − mean_group(r),  α = reward_weight
 RSM instance:
-    Ψ̂ = (σ/(βΩ))·A·ξ,  γ = 1,  C1 = β·Ω²/(2σ²),  C2 = 0,  anchor s_ref.
+    Ψ̂ = (σ/(βΩ))·α·A·ξ,  γ = 1,  C1 = β·Ω²/(2σ²),  C2 = 0,  anchor s_ref.
+Preset ``dpok``: α = 10, β = 0.01, the values of DPOK's single-prompt command (google-research
+``dpok/README.md``@83282e4: ``--reward_weight 10 --kl_weight 0.01``); the KL:reward ratio is 1e-3 as
+there. DPOK's own code puts its kl_weight on an unweighted ε-MSE, not on this row's Gaussian KL
+(see ``methods/dpok.py``), so the same β weighs the two KLs differently: this row is the Table-1
+REINFORCE + KL method with DPOK's coefficients, not DPOK's code.
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ class ReinforceKL(Method):
     paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); RSM digest §8.4"
     table1 = "REINFORCE + KL reg"
     kind_reason = "on-policy, closed-form per-step KL, terminal reward, same x_t and ξ in both losses"
-    defaults = {"beta": 0.01, "normalize_advantage": False, "baseline": "mean"}
+    defaults = {"beta": 0.01, "reward_weight": 1.0, "normalize_advantage": False, "baseline": "mean"}
     presets = {
-        "dpok": {"beta": 0.01, "normalize_advantage": False,
-                 "source": "google-research/dpok README: --kl_weight 0.01"},
+        "dpok": {"beta": 0.01, "reward_weight": 10.0, "normalize_advantage": False,
+                 "source": "google-research/google-research dpok/README.md@83282e4 (--reward_weight 10 "
+                           "--kl_weight 0.01)"},
     }
 
     def prepare(self, batch, ctx):
@@ -60,11 +66,11 @@ class ReinforceKL(Method):
         with torch.no_grad():
             mu_ref = p.mean(rows.x, ctx.ref(rows.x, rows.step, rows.cond), rows.step)
         kl = p.kl(mu, mu_ref, rows.step)
-        return (-A * logp + ctx.hp["beta"] * kl).mean()
+        return (-ctx.hp["reward_weight"] * A * logp + ctx.hp["beta"] * kl).mean()
 
     def rsm_spec(self, batch, ctx):
         rows, beta = batch.rows, ctx.hp["beta"]
-        A = batch.extras["advantages"][rows.sample]
+        A = ctx.hp["reward_weight"] * batch.extras["advantages"][rows.sample]
         return RSMSpec(rows=rows, psi=estimators.likelihood_ratio(ctx.process, rows, A, beta),
                        gamma=torch.ones(len(rows)), c1=weights.kl_natural(ctx.process, rows, beta),
                        c2=torch.zeros(len(rows)), anchor="ref")

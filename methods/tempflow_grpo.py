@@ -15,20 +15,31 @@ k_i > 0, k_i children restart from x_i, take the Flow-GRPO SDE step (Eq. 9 of ar
 the process's SDE table) and continue with Euler-ODE steps. One training row per branch: its SDE
 transition. NFE per root = N + Σk_i + Σk_i(N − i − 1) (digest §9.5).
 
-Original (per branch row, mean over rows, ⟨·⟩ per-element means; A standardised among siblings):
+The RSM code's ppo path with ``reweight tempflow`` on its branch sampler (jaylee2000/rsm@e8be3df
+``sd35_zeroth_order/scripts/train_sd3_pr.py``:1621-1696; ``flow_grpo/sd3_train_shared.py``:153-154), as
+this file follows it: rows with A = 0 masked (all kept when every A is 0, :1444-1446); every row's
+policy and KL terms weighted by kw = k_avg/k_i (:1640-1645, :1678, :1689; 1 for the uniform profiles);
+KL = ⟨Δμ²⟩/(2σ̃²) with the heuristic denominator (``heuristic_kldenom_trick`` True, ``config/sd3_matrix.py``:132,
+every reward but geneval), ⟨Δμ²⟩/(2σ̃²Δt) without (:1682-1688); β from the reward preset
+(``config/sd3_reward_presets.py``:10,32: 0.01, geneval 0.004 with the trick off :165). TempFlow-GRPO's
+own code is unreleased (Shredded-Pork/TempFlow-GRPO@afe6d33 README), so the RSM reimplementation is the
+reference.
+
+Original (per branch row, mean over the kept rows, ⟨·⟩ per-element means; A standardised among siblings):
     ρ = exp(⟨log p_θ⟩ − ⟨log p_θ†⟩),
-    L = 2.25·σ̃_i√Δt_i · max(−A·ρ, −A·clip(ρ, 1 ± ε)) + β·KL_i(θ‖ref)
+    L = kw·[2.25·σ̃_i√Δt_i · max(−A·ρ, −A·clip(ρ, 1 ± ε)) + β·KL_i(θ‖ref)]
 RSM instance (first-step gradient A·2.25·c_tΔt·⟨ξ·∂v⟩, digest §5.3):
-    Ψ̂/a = −A·ξ/(β'·w_t) (likelihood ratio), γ = 2.25·σ̃√Δt = κ_t/w_t, C1·a² = β'·w_t²/2, C2 = 0,
-    anchor s_ref if β > 0 (β' = β) else s_θ† (β' = 1).
+    Ψ̂/a = −A·ξ/(β'·w_t) (likelihood ratio), γ = 2.25·σ̃√Δt = κ_t/w_t, C1·a² = kw·β'·w_t²/2, C2 = 0,
+    anchor s_ref if β > 0 (β' = β, ×Δt with the heuristic denominator) else s_θ† (β' = 1).
 """
 from __future__ import annotations
 
 import torch
 
 from rsmbench.core import estimators, trust, weights
+from rsmbench.core.advantages import nonzero_advantage_mask
 from rsmbench.core.method import Method, _dtype, register
-from rsmbench.core.rsm import RSMSpec
+from rsmbench.core.rsm import RSMSpec, elementwise_mean
 from rsmbench.core.tree import localised_tree, node_advantages, to_batch
 
 
@@ -46,12 +57,21 @@ class TempFlowGRPO(Method):
     table1 = "TempFlow-GRPO"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), same x_t and ξ, terminal reward per branch leaf"
     defaults = {"k": [2, 2, 2, 2, 2, 2, 2], "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.0,
-                "adv_clip_max": 5.0, "adv_eps": 1e-4, "group_strategy": "seed"}
+                "heuristic_kldenom": True, "adv_clip_max": 5.0, "adv_eps": 1e-4, "group_strategy": "seed",
+                "mask_zero": True}
     presets = {
-        "rsm_base": {"k": [6] * 9, "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.0, "adv_clip_max": 5.0,
-                     "group_strategy": "seed",
-                     "source": "jaylee2000/rsm sd35_zeroth_order run_sd3.sh --profile base --reweight tempflow "
-                               "--loss ppo (k = [6]×9, N = 10; digest §8.9, §9.4)"},
+        "rsm_base": {"k": [6] * 9, "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.01, "heuristic_kldenom": True,
+                     "adv_clip_max": 5.0, "group_strategy": "seed",
+                     "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --profile base --sampler branch "
+                               "--loss ppo --reweight tempflow (pickscore and the other non-geneval rewards): "
+                               "config/sd3_matrix.py:57,177,192 (k [6]×10, timestep_fraction 0.99: 9 branching "
+                               "steps of N = 10, group_strategy seed), :132 (heuristic_kldenom_trick True), "
+                               "config/sd3_reward_presets.py:10 (beta 0.01), config/base.py:96-98; digest §8.9, §9.4"},
+        "rsm_base_geneval": {"k": [6] * 9, "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.004,
+                             "heuristic_kldenom": False, "adv_clip_max": 5.0, "group_strategy": "seed",
+                             "source": "jaylee2000/rsm@e8be3df run_sd3.sh --profile base --sampler branch --reward "
+                                       "geneval --loss ppo --reweight tempflow: config/sd3_reward_presets.py:32 (beta "
+                                       "0.004), :165 (heuristic_kldenom_trick False); otherwise as rsm_base"},
     }
 
     def collect(self, ctx, cond, seeds):
@@ -60,12 +80,24 @@ class TempFlowGRPO(Method):
 
     def prepare(self, batch, ctx):
         tree, leaves, hp = batch.extras["tree"], batch.extras["leaves"], ctx.hp
-        batch.extras["advantages"] = node_advantages(tree, batch.rewards, leaves, tree.start[leaves],
-                                                     hp["group_strategy"], hp["adv_eps"], hp["adv_clip_max"])
+        adv = node_advantages(tree, batch.rewards, leaves, tree.start[leaves], hp["group_strategy"], hp["adv_eps"],
+                              hp["adv_clip_max"])
+        batch.extras["advantages"] = adv
+        if hp["mask_zero"]:
+            batch.rows = batch.rows.select(nonzero_advantage_mask(batch.rows, adv))
+        k = torch.tensor(tree.extras["k"])
+        batch.row_data["row_weight"] = weights.branch_count_weight(
+            k[batch.rows.step], k[k > 0].double().mean().item()).to(batch.rows.x.dtype)
+
+    def _kl_beta(self, ctx, rows):
+        """β per row: β·Δt_i with the heuristic denominator (⟨Δμ²⟩/(2σ̃²) = Δt·the Gaussian KL)."""
+        beta = ctx.hp["beta"]
+        return beta * ctx.process.dt[rows.step].to(rows.x.dtype) if ctx.hp["heuristic_kldenom"] else beta
 
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
         A = batch.extras["advantages"][rows.sample]
+        kw = batch.row_data["row_weight"]
         out = ctx.policy(rows.x, rows.step, rows.cond)
         mu = p.mean(rows.x, out, rows.step)
         log_ratio = p.log_prob(rows.x_next, mu, rows.step) - rows.log_prob
@@ -75,14 +107,19 @@ class TempFlowGRPO(Method):
         if hp["beta"] > 0:
             with torch.no_grad():
                 mu_ref = p.mean(rows.x, ctx.ref(rows.x, rows.step, rows.cond), rows.step)
-            loss = loss + hp["beta"] * p.kl(mu, mu_ref, rows.step)
-        return loss.mean()
+            if hp["heuristic_kldenom"]:  # train_sd3_pr.py:1682-1683: ⟨Δμ²⟩/(2σ̃²)
+                kl = elementwise_mean((mu - mu_ref) ** 2) / (2 * p.sigma_tilde[rows.step].to(mu.dtype) ** 2)
+            else:
+                kl = p.kl(mu, mu_ref, rows.step)
+            loss = loss + hp["beta"] * kl
+        return (kw * loss).mean()
 
     def rsm_spec(self, batch, ctx):
         rows, p, beta = batch.rows, ctx.process, ctx.hp["beta"]
         A = batch.extras["advantages"][rows.sample]
-        b = beta if beta > 0 else 1.0
+        kw = batch.row_data["row_weight"]
+        b = self._kl_beta(ctx, rows) if beta > 0 else 1.0
         kappa = weights.kappa_noise_aware(p, rows, ctx.hp["noise_scale"])
         return RSMSpec(rows=rows, psi=estimators.likelihood_ratio(p, rows, A, b),
-                       gamma=weights.relative_gamma(p, rows, kappa), c1=weights.kl_natural(p, rows, b),
+                       gamma=weights.relative_gamma(p, rows, kappa), c1=kw * weights.kl_natural(p, rows, b),
                        c2=torch.zeros(len(rows)), anchor="ref" if beta > 0 else "behaviour")

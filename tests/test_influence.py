@@ -84,9 +84,12 @@ def test_diffusion_ddpm_grpo_is_w_t():
 
 
 def test_diffusion_pcpo_reweight_is_flat():
+    """Flat κ = 4.5/8.70575076181 on the 49 trained steps; the last transition is not trained (RSM
+    sd15_zeroth_order/train_grpo.py@e8be3df:784-791 stores timesteps[:, :-1])."""
     df = influence.kappa_profile("pcpo_reweight", "diffusion", "sd15")
-    np.testing.assert_allclose(df.kappa, 4.5 / 8.70575, rtol=1e-12)
-    np.testing.assert_allclose(df.h, 1 / 50, rtol=1e-12)
+    np.testing.assert_allclose(df.kappa[:49], 4.5 / 8.70575076181, rtol=1e-12)
+    np.testing.assert_allclose(df.h[:49], 1 / 49, rtol=1e-12)
+    assert df.kappa.iloc[49] == 0 and df.rows.iloc[49] == 0
 
 
 def test_diffusion_first_order_nabla_db_and_ours():

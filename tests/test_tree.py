@@ -93,48 +93,68 @@ def test_branch_schedule_and_window():
 
 
 def test_fusion_by_hand():
+    """BranchGRPO compute_node_rewards_from_leaves@ffc3c90:615-649: uniform leaf mean, or bottom-up the
+    softmax of the children's edge log-probs (α = 1) over the children's values; one child: its value."""
     # node 0 → {1, 2}; node 1 → leaves {3, 4}; node 2 → leaf 5
     parent = torch.tensor([-1, 0, 0, 1, 1, 2])
     leaves, r = torch.tensor([3, 4, 5]), torch.tensor([1.0, 3.0, 8.0], dtype=torch.float64)
     mean = tree.fuse_rewards(parent, leaves, r, mode="mean")
     torch.testing.assert_close(mean, torch.tensor([4.0, 2.0, 8.0, 1.0, 3.0, 8.0], dtype=torch.float64),
                                rtol=0, atol=1e-15)
-    lp = torch.log(torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 1.0], dtype=torch.float64))
-    pp = tree.fuse_rewards(parent, leaves, r, lp, mode="path_prob")
-    # under node 1: weights 1:3 → 0.25·1 + 0.75·3 = 2.5; under node 0: (1·1 + 3·3 + 1·8)/5 = 3.6
-    torch.testing.assert_close(pp, torch.tensor([3.6, 2.5, 8.0, 1.0, 3.0, 8.0], dtype=torch.float64),
+    lp = torch.log(torch.tensor([1.0, 1.0, 3.0, 1.0, 3.0, 5.0], dtype=torch.float64))  # edge log-probs
+    pw = tree.fuse_rewards(parent, leaves, r, lp, mode="prob_weighted")
+    # node 1: weights 1:3 → 0.25·1 + 0.75·3 = 2.5; node 2: its one child, 8; node 0: 1:3 → 0.25·2.5 + 0.75·8
+    torch.testing.assert_close(pw, torch.tensor([6.625, 2.5, 8.0, 1.0, 3.0, 8.0], dtype=torch.float64),
                                rtol=0, atol=1e-14)
+    with pytest.raises(ValueError):
+        tree.fuse_rewards(parent, leaves, r, mode="path_prob")
 
 
 def test_branch_grpo_depthwise_advantages_by_hand():
+    """Per tree and depth (seed), or pooled over a prompt's trees (prompt): (v − mean)/(std + 1e-8),
+    torch's unbiased std, 0 for a one-node depth (BranchGRPO@ffc3c90:655-687)."""
     _, beh = tiny_policy("diffusion", num_steps=3)
     t = tree.branching_tree(beh, (2,), torch.tensor([0, 0]), [1, 2], [1], [2], dtype=torch.float64)
     rewards = torch.tensor([1.0, 3.0, 5.0, 9.0], dtype=torch.float64)  # leaves = nodes 2, 3 (root 0), 4, 5 (root 1)
     batch = tree.to_batch(t, lambda x, c: rewards)
     m = get("branch_grpo")
+    f64 = dict(dtype=torch.float64)
     for strategy in ("prompt", "seed"):
         b = tree.to_batch(t, lambda x, c: rewards)
         m.prepare(b, SimpleNamespace(hp=m.hparams(group_strategy=strategy, fusion="mean")))
-        torch.testing.assert_close(b.extras["node_values"], torch.tensor([2.0, 7.0, 1, 3, 5, 9], dtype=torch.float64))
+        torch.testing.assert_close(b.extras["node_values"], torch.tensor([2.0, 7.0, 1, 3, 5, 9], **f64))
         A = b.extras["advantages"]
-        if strategy == "prompt":  # depth 0: (2, 7) mean 4.5 std 2.5; depth 1: mean 4.5, std √(35/4)
-            exp0 = torch.tensor([-2.5, 2.5], dtype=torch.float64) / (2.5 + 1e-4)
-            exp1 = (rewards - 4.5) / ((35 / 4) ** 0.5 + 1e-4)
-        else:  # seed: depth 0 groups are single roots (A = 0); depth 1 groups are sibling pairs
-            exp0 = torch.zeros(2, dtype=torch.float64)
-            f64 = dict(dtype=torch.float64)
-            exp1 = torch.tensor([-1.0, 1.0, -2.0, 2.0], **f64) / (torch.tensor([1, 1, 2, 2.0], **f64) + 1e-4)
+        if strategy == "prompt":  # depth 0: (2, 7) unbiased std 2.5·√2; depth 1: mean 4.5, std √(35/3)
+            exp0 = torch.tensor([-2.5, 2.5], **f64) / (2.5 * 2**0.5 + 1e-8)
+            exp1 = (rewards - 4.5) / ((35 / 3) ** 0.5 + 1e-8)
+        else:  # seed: depth 0 has one node per tree (A = 0); depth 1: the sibling pairs, std √2 and 2√2
+            exp0 = torch.zeros(2, **f64)
+            exp1 = torch.tensor([-1.0, 1.0, -2.0, 2.0], **f64) / (torch.tensor([1, 1, 2, 2.0], **f64) * 2**0.5 + 1e-8)
         torch.testing.assert_close(A, torch.cat([exp0, exp1]), rtol=0, atol=1e-12)
         torch.testing.assert_close(A[b.rows.sample], A[t.rows().sample])  # each row carries its node's A
     assert batch.extras["reward_queries"] == 4 and batch.extras["nfe"] == t.nfe == 2 * (1 + 2 * 2)
 
 
 def test_branch_grpo_pruning_selects_rows():
-    _, beh = tiny_policy("flow", num_steps=4)
+    """Depth pruning drops edges by child depth = step + 1; width pruning acts on the edges after the
+    last split only: mode 1 keeps max(1, ⌊n·ratio⌋) per last-split branch (ties: step order), mode 2 the
+    best ⌊k/2⌋ and worst k − ⌊k/2⌋ of all, k = max(2, ⌊n·ratio⌋) (BranchGRPO@ffc3c90:1268-1477)."""
+    _, beh = tiny_policy("flow", num_steps=6)
     t = tree.branching_tree(beh, (2,), torch.tensor([0]), [3], [1, 2], [2, 2], dtype=torch.float64)
-    rewards = torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64)  # leaves 3..6
+    rewards = torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64)  # leaves 3..6, segments [2, 6)
     m = get("branch_grpo")
-    b = tree.to_batch(t, lambda x, c: rewards)
-    m.prepare(b, SimpleNamespace(hp=m.hparams(width_keep=1, prune_depths=[0])))
-    # keep paths to the best (leaf 3) and worst (leaf 4) leaf: nodes 1, 3, 4 (root 0 pruned by depth)
-    assert sorted(set(b.rows.sample.tolist())) == [1, 3, 4]
+
+    def kept(**hp):
+        b = tree.to_batch(t, lambda x, c: rewards)
+        m.prepare(b, SimpleNamespace(hp=m.hparams(**hp)))
+        return sorted(zip(b.rows.sample.tolist(), b.rows.step.tolist()))
+
+    every = sorted(zip(t.rows().sample.tolist(), t.rows().step.tolist()))
+    assert kept() == every and len(every) == 1 + 2 * 1 + 4 * 4
+    assert kept(depth_pruning=[1, 4]) == [(n, s) for n, s in every if s not in (0, 3)]
+    after = [(n, s) for n, s in every if s > 2]  # 4 leaves × steps 3, 4, 5
+    mode1 = kept(width_pruning_mode=1)
+    assert [e for e in mode1 if e[1] > 2] == [(n, 3) for n in (3, 4, 5, 6)]  # one per branch, the first step
+    assert [e for e in mode1 if e[1] <= 2] == [e for e in every if e[1] <= 2]  # earlier edges all kept
+    mode2 = kept(width_pruning_mode=2)
+    assert [e for e in mode2 if e[1] > 2] == [e for e in after if e[0] in (3, 4)]  # best (leaf 3), worst (leaf 4)

@@ -111,20 +111,37 @@ def test_pcpo_reweight_credit_is_uniform_on_diffusion_and_step_size_on_flow():
         ctx = equivalence.build_context(m, process)
         rows = equivalence.collect(m, ctx).rows
         k = m.kappa(ctx, rows)
-        expect = (4.5 / 8.70575 * torch.ones(len(rows), dtype=torch.float64) if process == "diffusion"
+        expect = (4.5 / 8.70575076181 * torch.ones(len(rows), dtype=torch.float64) if process == "diffusion"
                   else 4.3152134639895925 * ctx.process.dt[rows.step])
         assert torch.allclose(k, expect, rtol=1e-15)
 
 
-# ---- DPOK: the gap and where it comes from -------------------------------------------------------------------
-def test_dpok_gap_is_the_value_baseline():
-    exact = equivalence.check("dpok", "diffusion", "float64", offpolicy_steps=0, hp={"value_baseline": False})
-    assert exact.max_rel_err <= 1e-9  # REINFORCE+KL-style exactness once the value net is off
-    gap = equivalence.check("dpok", "diffusion", "float64", offpolicy_steps=0)
-    assert 1e-2 < gap.max_rel_err < 1.0 and gap.cosine > 0.9  # measured: 3.1e-1, cosine 0.990
-    kl_only = equivalence.check("dpok", "diffusion", "float64", offpolicy_steps=0,
-                                hp={"value_baseline": False, "kl_in_reward": True})
-    assert 1e-6 < kl_only.max_rel_err < 1e-2  # measured: 3.7e-4 (β/α = 1e-3)
+# ---- DPOK: exact on fresh rows, the replayed rows are the gap ----------------------------------------------
+def test_dpok_fresh_rows_are_exact_replayed_rows_are_the_gap():
+    """A run's first batch (a fresh buffer) holds on-policy rows only: both formulations use the same
+    r − V(x_t) and agree (1e-9). After a policy step, a second batch replays stale rows: DPOK's
+    clamp(ρ, 1 ± 1e-4) zeroes them in the original, not in the RSM instance: a gap."""
+    for hp in ({}, {"value_baseline": False}, {"kl_in_reward": True}, {"kl_form": "gaussian"}):
+        assert equivalence.check("dpok", "diffusion", "float64", offpolicy_steps=0, hp=hp).max_rel_err <= 1e-9, hp
+    m = get("dpok")
+    ctx = equivalence.build_context(m, "diffusion")
+    b1 = equivalence.collect(m, ctx)
+    params = list(ctx.policy.net.parameters())
+    g_o, g_r, _, _ = equivalence.both_gradients(m, b1, ctx)
+    assert equivalence.compare(g_o, g_r)["max_rel_err"] <= 1e-9
+    opt = torch.optim.Adam(params, lr=3e-2)
+    opt.zero_grad()
+    m.original_loss(b1, ctx).backward()
+    opt.step()
+    ctx.behaviour = Policy(frozen_copy(ctx.policy.net), ctx.process, ctx.policy.cfg_scale)  # the next θ†
+    b2 = equivalence.collect(m, ctx, seed=1)
+    assert len(m.buffer) == 2 * len(b1.rows) and m.value is not None  # one buffer, one V, across batches
+    stale = b2.rows.log_prob != ctx.process.log_prob(
+        b2.rows.x_next, ctx.process.mean(b2.rows.x, ctx.behaviour(b2.rows.x, b2.rows.step, b2.rows.cond),
+                                         b2.rows.step), b2.rows.step)
+    assert 0 < int(stale.sum()) < len(b2.rows)
+    g_o, g_r, _, _ = equivalence.both_gradients(m, b2, ctx)
+    assert equivalence.compare(g_o, g_r)["max_rel_err"] > 1e-3
 
 
 # ---- image-shaped states: every method of this family on (B, C, H, W) ------------------------------------------

@@ -47,26 +47,36 @@ def _zo_batch(process, **hp):
 def test_kl_anchor_rows_have_zero_guidance_and_pull_to_reference(process):
     m, ctx, batch = _zo_batch(process)
     is_a, rows = batch.row_data["kl_anchor"], batch.rows
-    k = tree.branch_schedule(ctx.hp["k"], ctx.process.num_steps)
-    n_branch = int((~is_a).sum())
-    assert int(is_a.sum()) == math.floor(0.1 * n_branch) > 0
+    N, B = ctx.process.num_steps, 8
+    k = tree.branch_schedule(ctx.hp["k"], N)
+    # flow: every zero-k, non-final root transition (train_sd3_pr.py:613-617); diffusion: ⌊0.10·#branch rows⌋
+    zero_k = sum(1 for i in range(N - 1) if k[i] == 0)
+    assert int(is_a.sum()) == (B * zero_k if process == "flow" else math.floor(0.10 * B * sum(k))) > 0
     anchor_steps = rows.step[is_a].tolist()
-    assert all(k[i] == 0 and i < ctx.process.num_steps - 1 for i in anchor_steps)
+    assert all(k[i] == 0 and i < N - 1 for i in anchor_steps)
     assert not rows.stochastic[is_a].any()  # deterministic root states
     spec = m.rsm_spec(batch, ctx)
     assert torch.equal(spec.psi[is_a], torch.zeros_like(spec.psi[is_a]))
     assert spec.anchor == "ref" if process == "flow" else torch.equal(spec.anchor, is_a)
-    # anchor rows alone: RSM loss == β_anchor·KL_t(θ‖ref), at a perturbed θ too (loss identity)
+    # anchor rows alone, at a perturbed θ too (loss identity): their share of the RSM loss is the
+    # anchor term β_a·mean_a(½·4.5²·⟨Δε²⟩) (diffusion) resp. β·k_avg·mean_a KL_t (flow), a mean of its own
     sub = RSMSpec(rows=rows.select(is_a), psi=spec.psi[is_a], gamma=spec.gamma[is_a], c1=spec.c1[is_a],
                   c2=spec.c2[is_a], anchor="ref")
     with torch.no_grad():
         for p in ctx.policy.net.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
     a = sub.rows
-    beta_a = m._hp(ctx, "anchor_beta")
-    kl = m._kl(ctx, a, ctx.policy(a.x, a.step, a.cond)).mean()
+    with torch.no_grad():
+        d2 = elementwise_mean((ctx.policy(a.x, a.step, a.cond) - ctx.ref(a.x, a.step, a.cond)) ** 2)
+        if process == "diffusion":
+            expect = 8e-5 * (0.5 * 4.5**2 * d2).mean()
+        else:
+            expect = 0.004 * batch.extras["k_avg"] * (ctx.process.weight(a.step) ** 2 / 2 * d2).mean()
     loss = rsm_loss(ctx.policy, ctx.ref, sub)
-    assert abs(loss.item() - beta_a * kl.item()) <= 1e-12 * abs(loss.item())
+    share = len(a) / len(rows)
+    assert abs(share * loss.item() - expect.item()) <= 1e-12 * abs(expect.item())
+    assert abs(share * loss.item() - m.anchor_coef(ctx, batch) * m._anchor_kl(ctx, a).mean().item()) \
+        <= 1e-12 * abs(expect.item())
     # one gradient step on it moves o_θ toward o_ref on those rows
     def dist():
         return elementwise_mean((ctx.policy(a.x, a.step, a.cond) - ctx.ref(a.x, a.step, a.cond)) ** 2).mean()
@@ -83,10 +93,12 @@ def test_kl_anchor_rows_have_zero_guidance_and_pull_to_reference(process):
 
 def test_rsm_zo_branch_weights_masking_and_nfe():
     m, ctx, batch = _zo_batch("diffusion")
-    is_a, rows, kw = batch.row_data["kl_anchor"], batch.rows, batch.row_data["row_weight"]
+    is_a, rows, wgt = batch.row_data["kl_anchor"], batch.rows, batch.row_data["row_weight"]
+    R, n_b, n_a = len(rows), int((~is_a).sum()), int(is_a.sum())
     k_avg = (3 + 2 + 3 + 2) / 4  # defaults k = [3, 2, 3, 2]
     k_row = torch.tensor([3.0, 2.0, 3.0, 2.0], dtype=torch.float64)[rows.step[~is_a]]
-    torch.testing.assert_close(kw[~is_a], k_avg / k_row)
+    torch.testing.assert_close(wgt[~is_a] * n_b / R, k_avg / k_row)  # kw, times the branch rows' share R/n_b
+    torch.testing.assert_close(wgt[is_a], torch.full((n_a,), R / n_a, dtype=torch.float64))
     N, B = ctx.process.num_steps, 8
     hand = 8 + 10 + (3 * 7 + 2 * 6 + 3 * 5 + 2 * 4)  # N + Σk + Σk(N − i − 1)
     assert batch.extras["nfe"] == B * tree.nfe_localised([3, 2, 3, 2], N) == B * hand
@@ -97,6 +109,10 @@ def test_rsm_zo_branch_weights_masking_and_nfe():
     b2 = equivalence.collect(m, ctx)
     kept = b2.rows.select(~b2.row_data["kl_anchor"])
     assert len(kept) == B * 10 // 2 and (kept.cond == 1).all()
+    # every reward constant: every A = 0, and all rows are kept (train_grpo_pr.py:1646-1648)
+    ctx.reward = lambda x, c: torch.ones(len(x), dtype=x.dtype)
+    b3 = equivalence.collect(m, ctx)
+    assert int((~b3.row_data["kl_anchor"]).sum()) == B * 10
 
 
 def _image_context(m, kind, hp=None):
@@ -111,7 +127,7 @@ def _image_context(m, kind, hp=None):
 
 @pytest.mark.parametrize("method,kind,hp", [("branch_grpo", "flow", {"split_steps": [1], "ks": [2]}),
                                             ("tempflow_grpo", "flow", {"k": [2, 2]}),
-                                            ("rsm_zo", "diffusion", {"k": [2, 2], "anchor_frac": 0.5})])
+                                            ("rsm_zo", "diffusion", {"k": [2, 2], "anchor_ratio": 0.5})])
 def test_image_shaped_states(method, kind, hp):
     m = get(method)
     ctx = _image_context(m, kind, hp)

@@ -11,6 +11,9 @@ Two tree shapes, both built by restarting ``rollout.sample`` from stored states:
   sampler over its segment; at split step s_j every frontier node spawns k_j children that share
   its prefix and draw their own noise from step s_j on. Leaves = Π_j k_j per root, and
   NFE per root = Σ_j (Π_{l≤j} k_l)·(s_{j+1} − s_j)  with s_0 = 0, k_0 = 1, s_{m+1} = N.
+  A child's first step (its split edge) is always stochastic, and its noise can be scaled:
+  x' = μ + σ·(s·ξ) while its log-prob keeps the step's σ (BranchGRPO ``flux_step_with_split``,
+  ``tree_split_noise_scale``); the stored ``noise`` is then s·ξ = (x' − μ)/σ.
 
 Randomness: the root's initial noise and its own SDE noise come from the root seed's generator
 (``rollout.generators``); every child has its own generator, seeded from (root seed, split
@@ -143,6 +146,32 @@ class Tree:
                 out[ids] = ro.log_probs[:, ro.stochastic].to(torch.float64).sum(dim=1)
         return out
 
+    def edge_log_prob(self) -> torch.Tensor:
+        """(M,) behaviour ⟨log p⟩ of each node's first transition, the edge from its parent (its split
+        edge; 0 for a root or a node without a stochastic first step)."""
+        out = torch.zeros(self.num_nodes, dtype=torch.float64)
+        for ro, ids in zip(self.segments, self.seg_nodes):
+            if ro.stochastic.numel() and bool(ro.stochastic[0]):
+                out[ids] = ro.log_probs[:, 0].to(torch.float64)
+        out[self.parent < 0] = 0.0
+        return out
+
+    def dfs_rank(self) -> torch.Tensor:
+        """(M,) position of each node in a depth-first pre-order walk, roots in order, children in
+        creation order (the order BranchGRPO's ``collect_all_transitions`` lists its transitions)."""
+        children = {n: [] for n in range(self.num_nodes)}
+        for n, par in enumerate(self.parent.tolist()):
+            if par >= 0:
+                children[par].append(n)
+        rank, order = torch.empty(self.num_nodes, dtype=torch.long), []
+        stack = [int(r) for r in reversed(torch.nonzero(self.parent < 0).flatten().tolist())]
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            stack.extend(reversed(children[n]))
+        rank[torch.tensor(order)] = torch.arange(len(order))
+        return rank
+
     def rows(self) -> Transitions:
         """Every stochastic transition of every node, with ``sample`` = node id."""
         parts = []
@@ -176,6 +205,32 @@ def _segment(policy, shape, gens, cond, stochastic, x_start, a, b, dtype) -> Rol
         return _empty_rollout(x, a, cond)
     return sample(policy, shape, gens, cond=cond, stochastic=stochastic, x_start=x_start,
                   start_step=a, end_step=b, dtype=dtype)
+
+
+def _cat_time(a: Rollout, b: Rollout) -> Rollout:
+    """Rollout a followed by b (b starts at a's last state)."""
+    c = lambda u, v: torch.cat([u, v], dim=1)  # noqa: E731
+    return Rollout(states=c(a.states, b.states[:, 1:]), noises=c(a.noises, b.noises), means=c(a.means, b.means),
+                   outputs=c(a.outputs, b.outputs), log_probs=c(a.log_probs, b.log_probs),
+                   steps=torch.cat([a.steps, b.steps]), stochastic=torch.cat([a.stochastic, b.stochastic]),
+                   cond=a.cond)
+
+
+@torch.no_grad()
+def _split_step(policy, shape, gens, cond, x, step: int, noise_scale: float, dtype) -> Rollout:
+    """The split edge: one stochastic step with its noise scaled, x' = μ + σ·(s·ξ), and the log-prob
+    of x' under the step's own N(μ, σ²) (BranchGRPO ``flux_step_with_split``@ffc3c90:265-281:
+    ``noise * split_noise_scale``, log-prob with the unscaled ``std_dev_t``). ``noise`` stores s·ξ."""
+    p = policy.process
+    x = x.to(dtype)
+    out = policy(x, step, cond)
+    xi = per_sample_randn(gens, shape, dtype) * noise_scale
+    x1, mu = p.step(x, out, step, xi)
+    lp = p.log_prob(x1, mu, step)
+    one = lambda z: z[:, None]  # noqa: E731
+    return Rollout(states=torch.stack([x, x1], dim=1), noises=one(xi), means=one(mu), outputs=one(out),
+                   log_probs=one(lp), steps=torch.tensor([step]), stochastic=torch.ones(1, dtype=torch.bool),
+                   cond=cond)
 
 
 def _uses_cfg(policy, cond) -> bool:
@@ -223,10 +278,13 @@ def localised_tree(policy, shape, cond, seeds, k, dtype=torch.float32) -> Tree:
                 nfe=nfe, cfg=_uses_cfg(policy, cond), extras={"k": k})
 
 
-def branching_tree(policy, shape, cond, seeds, split_steps, ks, stochastic=None, dtype=torch.float32) -> Tree:
+def branching_tree(policy, shape, cond, seeds, split_steps, ks, stochastic=None, dtype=torch.float32,
+                   split_noise_scale: float = 1.0) -> Tree:
     """Branch-GRPO tree: the root runs [0, s_1); at each split s_j every frontier node spawns k_j
     children that continue over [s_j, s_{j+1}) with their own noise (arXiv 2509.06040 §3.2).
-    ``stochastic`` (default: all SDE) localises the noise to a window (``sde_window``)."""
+    ``stochastic`` (default: all SDE) localises the noise to a window (``sde_window``); a split step
+    is always stochastic (BranchGRPO ``run_tree_sample_step``@ffc3c90:453-456), and its noise is
+    scaled by ``split_noise_scale`` (``_split_step``)."""
     N = policy.process.num_steps
     split_steps, ks = [int(s) for s in split_steps], [int(v) for v in ks]
     if len(split_steps) != len(ks) or any(b <= a for a, b in zip(split_steps, split_steps[1:])) \
@@ -249,7 +307,10 @@ def branching_tree(policy, shape, cond, seeds, split_steps, ks, stochastic=None,
         par, r, loc = rep(front), rep(front_root), rep(front_local) * kj + torch.arange(kj).repeat(len(front))
         gens = [child_generator(seeds[int(ri)], j, int(li)) for ri, li in zip(r, loc)]
         x0 = ro.states[:, -1].repeat_interleave(kj, dim=0)
-        ro = _segment(policy, shape, gens, None if cond is None else cond[r], stochastic, x0, s, e, dtype)
+        ccond = None if cond is None else cond[r]
+        ro = _split_step(policy, shape, gens, ccond, x0, s, split_noise_scale, dtype)
+        if e > s + 1:
+            ro = _cat_time(ro, _segment(policy, shape, gens, ccond, stochastic, ro.states[:, -1], s + 1, e, dtype))
         n = len(par)
         ids = torch.arange(nxt, nxt + n)
         segs.append(ro), seg_nodes.append(ids)
@@ -261,35 +322,54 @@ def branching_tree(policy, shape, cond, seeds, split_steps, ks, stochastic=None,
     end = torch.tensor([bounds[int(d) + 1] for d in cat(depth)])
     return Tree(segments=segs, seg_nodes=seg_nodes, parent=cat(parent), root=rootix_t, depth=cat(depth),
                 start=cat(start), end=end, cond=None if cond is None else cond[rootix_t], nfe=nfe,
-                cfg=_uses_cfg(policy, cond), extras={"split_steps": split_steps, "ks": ks})
+                cfg=_uses_cfg(policy, cond), extras={"split_steps": split_steps, "ks": ks,
+                                                     "split_noise_scale": float(split_noise_scale)})
 
 
 # ---- rewards up the tree, groups, KL-anchor rows ------------------------------------------------
+FUSIONS = ("mean", "prob_weighted")
+
+
 def fuse_rewards(parent: torch.Tensor, leaves: torch.Tensor, leaf_rewards: torch.Tensor,
-                 node_log_prob: torch.Tensor | None = None, mode: str = "mean") -> torch.Tensor:
-    """Value of every node from its descendant leaves (Branch-GRPO reward fusion, arXiv
-    2509.06040 §3.3). ``mean``: uniform average of the descendant leaves' rewards. ``path_prob``:
-    weights ∝ exp(Σ of ⟨log p⟩ along the path from the node down to the leaf), i.e. a softmax of
-    the path log-likelihoods below the node (our reading of the paper's path-probability
-    weighting). A leaf's value is its reward."""
-    if mode not in ("mean", "path_prob"):
-        raise ValueError(f"fusion mode must be 'mean' or 'path_prob', got {mode!r}")
+                 edge_log_prob: torch.Tensor | None = None, mode: str = "mean", alpha: float = 1.0) -> torch.Tensor:
+    """Value of every node from its descendant leaves (Branch-GRPO reward fusion, arXiv 2509.06040 §3.3;
+    BranchGRPO ``compute_node_rewards_from_leaves``@ffc3c90:545-652). A leaf's value is its reward.
+    ``mean``: the uniform average of the node's descendant leaves (:643-649; the released script's
+    setting, ``TREE_PROB_WEIGHTED="false"``). ``prob_weighted`` (``--tree_prob_weighted``, :615-641):
+    bottom-up, a node with one child takes the child's value, a node with several children the
+    softmax(α·⟨log p⟩ of each child's edge)-weighted sum of the children's values, α = 1
+    (``edge_log_prob``: ``Tree.edge_log_prob``)."""
+    if mode not in FUSIONS:
+        raise ValueError(f"fusion mode must be one of {FUSIONS}, got {mode!r}")
     M = parent.numel()
-    lp = torch.zeros(M, dtype=torch.float64) if node_log_prob is None else node_log_prob.to(torch.float64)
     values = torch.zeros(M, dtype=torch.float64)
-    num = {n: [] for n in range(M)}  # node -> [(log-weight below node, reward)]
-    for leaf, r in zip(leaves.tolist(), leaf_rewards.to(torch.float64).tolist()):
-        below, n = 0.0, leaf
+    r = leaf_rewards.to(torch.float64)
+    values[leaves] = r
+    children = {n: [] for n in range(M)}
+    for n, par in enumerate(parent.tolist()):
+        if par >= 0:
+            children[par].append(n)
+    depth = torch.zeros(M, dtype=torch.long)
+    for n in range(M):  # parents are allocated before their children
+        depth[n] = 0 if parent[n] < 0 else depth[parent[n]] + 1
+    below = {n: [] for n in range(M)}  # descendant leaves
+    for leaf, rv in zip(leaves.tolist(), r.tolist()):
+        n = leaf
         while n >= 0:
-            num[n].append((below, r))
-            below += float(lp[n])
+            below[n].append(rv)
             n = int(parent[n])
-    for n, lst in num.items():
-        if not lst:
+    lp = torch.zeros(M, dtype=torch.float64) if edge_log_prob is None else edge_log_prob.to(torch.float64)
+    for n in sorted(range(M), key=lambda k: -int(depth[k])):
+        ch = children[n]
+        if not ch:
             continue
-        logw = torch.tensor([w for w, _ in lst], dtype=torch.float64)
-        w = torch.softmax(logw, 0) if mode == "path_prob" else torch.full_like(logw, 1 / len(lst))
-        values[n] = (w * torch.tensor([r for _, r in lst], dtype=torch.float64)).sum()
+        if mode == "mean":
+            values[n] = torch.tensor(below[n], dtype=torch.float64).mean()
+        elif len(ch) == 1:
+            values[n] = values[ch[0]]
+        else:
+            w = torch.softmax(alpha * lp[ch], 0)
+            values[n] = (w * values[ch]).sum()
     return values.to(leaf_rewards.dtype)
 
 
@@ -304,17 +384,21 @@ def group_ids(strategy: str, level: torch.Tensor, root: torch.Tensor, cond: torc
     return torch.unique(torch.stack([first.long(), level.long()], dim=1), dim=0, return_inverse=True)[1]
 
 
-def kl_anchor_rows(tree: Tree, frac: float, n_rows: int, seed: int = 0) -> Transitions | None:
-    """ODE-KL-anchor rows (RSM code ``use_ode_kl_anchor``, digest §6, §9.3): deterministic root
-    states at transitions that carry no branch (k_i = 0) and are not the final one, at most
-    ⌊frac·n_rows⌋ of them, chosen by a seeded permutation."""
+def kl_anchor_rows(tree: Tree, max_rows: int | None = None, seed: int = 0) -> Transitions | None:
+    """ODE-KL-anchor rows (RSM code ``use_ode_kl_anchor``, digest §6, §9.3): the deterministic root
+    states at every transition that carries no branch (k_i = 0) and is not the final one (the RSM code
+    collects them in ``sd3_pipeline_with_logprob_perstep.py``@e8be3df:568-596 and keeps those in the
+    training window). ``max_rows`` None keeps all of them (SD3.5, ``train_sd3_pr.py``:613-617); a
+    number keeps that many, chosen by a seeded permutation (SD1.5 ``anchor_row_max_ratio``,
+    ``train_grpo_pr.py``:1652-1668)."""
     k = tree.extras["k"]
     root = tree.segments[0]
     cand = [(b, i) for b in range(root.batch_size) for i in range(len(k) - 1) if k[i] == 0]
-    n = min(int(frac * n_rows), len(cand))
+    n = len(cand) if max_rows is None else min(int(max_rows), len(cand))
     if n == 0:
         return None
-    pick = torch.randperm(len(cand), generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
+    pick = torch.arange(len(cand)) if n == len(cand) else \
+        torch.randperm(len(cand), generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
     b = torch.tensor([cand[p][0] for p in pick])
     i = torch.tensor([cand[p][1] for p in pick])
     z = lambda a: a[b, i]  # noqa: E731
@@ -339,11 +423,14 @@ def to_batch(tree: Tree, reward, **extras):
 
 
 def node_advantages(tree: Tree, values: torch.Tensor, nodes: torch.Tensor, level: torch.Tensor, strategy: str,
-                    eps: float = 1e-4, clip: float | None = 5.0) -> torch.Tensor:
+                    eps: float = 1e-4, clip: float | None = 5.0, unbiased: bool = False,
+                    zero_std_below: float | None = None) -> torch.Tensor:
     """(M,) advantages: `values` of `nodes` standardised within their groups (``group_ids`` with
-    the given level), population std + eps (GRPO, arXiv 2402.03300, Eq. 3), clipped to ±clip;
-    0 for the other nodes. A group whose values are all equal gets A = 0 exactly."""
+    the given level), std + eps (``group_advantages``: population std, or the unbiased one, and
+    A = 0 below ``zero_std_below``), clipped to ±clip; 0 for the other nodes. A group whose values are
+    all equal gets A = 0 exactly."""
     g = group_ids(strategy, level, tree.root[nodes], None if tree.cond is None else tree.cond[nodes])
     adv = torch.zeros(tree.num_nodes, dtype=values.dtype)
-    adv[nodes] = group_advantages(values, g, normalize=True, eps=eps, clip=clip)
+    adv[nodes] = group_advantages(values, g, normalize=True, eps=eps, clip=clip, unbiased=unbiased,
+                                  zero_std_below=zero_std_below)
     return adv

@@ -70,19 +70,24 @@ def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.
     """Per-row PCPO objective (Lee & Ye, arXiv 2509.25774) with per-row credit κ in place of the
     sampler weight w_t (κ = w_t: PCPO-base). Returns (loss_rows, stats).
 
-    "logrho":   Δ̃ = (⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ/w_t, loss = ``logrho_clip``(Δ̃, A)
-                (RSM code ``sd3_train_shared.py``: ratio exp(Δ·ζΔt/w^b));
+    "ratio":    Δ̃ = (⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ/w_t, loss = ``ppo_clip``(exp(Δ̃), A): the RSM code's ppo
+                path (``sd35_zeroth_order/flow_grpo/sd3_train_shared.py``@e8be3df:88-92, ratio
+                exp(Δ·ζΔt/w^b) inside the standard clip);
+    "logrho":   the same Δ̃, loss = ``logrho_clip``(Δ̃, A) (PCPO's log-ratio objective, 1 + Δ̃ for ρ);
+                the same first-step gradient as "ratio", a different clip threshold off θ† (O(ε²));
     "matching": term = ½⟨(κ·Δo)²⟩ + ⟨(κ·Δo)·ξ⟩, Δo = o_θ − o_θ†, loss = ``matching_clip``(term, A)
                 (RSM code ``noise_matching_precision: bad``): the exact −log ρ of a Gaussian step
                 with weight κ, so term = −Δ for κ = w_t (PCPO-base, digest §8.5); for κ ≠ w_t the
                 two forms share the first-step gradient A·κ·⟨ξ·∂o⟩ but differ off θ† in the
                 quadratic term (½κ² vs ½κw).
     `out` is o_θ on the rows (CFG-combined); ⟨·⟩ per-element means."""
-    if form == "logrho":
+    if form in ("logrho", "ratio"):
         w = process.weight(rows.step).to(out.dtype)
         lp = process.log_prob(rows.x_next, process.mean(rows.x, out, rows.step), rows.step)
         log_ratio = (lp - rows.log_prob) * kappa / w
-        return logrho_clip(log_ratio, adv, clip_range), ppo_stats(log_ratio, clip_range, None, lp - rows.log_prob)
+        loss = logrho_clip(log_ratio, adv, clip_range) if form == "logrho" else \
+            ppo_clip(torch.exp(log_ratio), adv, clip_range)
+        return loss, ppo_stats(log_ratio, clip_range, None, lp - rows.log_prob)
     if form == "matching":
         k = kappa.reshape(-1, *([1] * (out.dim() - 1)))
         d = k * (out - rows.out_behaviour)
@@ -90,7 +95,7 @@ def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.
         dw = process.weight(rows.step).to(out.dtype).reshape(k.shape) * (out - rows.out_behaviour)
         policy_log_ratio = -elementwise_mean(0.5 * dw**2 + dw * rows.noise)  # Δ in closed form
         return matching_clip(term, adv, clip_range), ppo_stats(-term, clip_range, None, policy_log_ratio)
-    raise ValueError(f"PCPO form must be 'logrho' or 'matching', got {form!r}")
+    raise ValueError(f"PCPO form must be 'ratio', 'logrho' or 'matching', got {form!r}")
 
 
 def fair_matching_clip(neg_log_ratio: torch.Tensor, adv: torch.Tensor, step_var: torch.Tensor,
