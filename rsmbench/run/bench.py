@@ -38,7 +38,7 @@ from tqdm import tqdm
 from rsmbench.core import method as registry
 from rsmbench.core.checkpoints import load_checkpoint
 from rsmbench.errors import UserError
-from rsmbench.run import fullscale, tasks, tracking
+from rsmbench.run import fullscale, paths, tasks, tracking
 from rsmbench.run.train import NonFiniteError, run_config, shared_reward, tiny_evaluator, train_run
 
 FORMULATION_CHOICES = ("rsm", "original", "both")
@@ -376,8 +376,7 @@ def _run(args) -> int:
     records = execute(cfg, runs, progress=not args.no_progress, log=_log, retry_failed=args.retry_failed)
     table, _ = summarize(cfg, records)
     seconds = time.time() - t0
-    report = write_report(cfg, table, records, seconds, Path(args.report_dir or Path(
-        os.environ.get("RSMBENCH_REPORTS", "reports")) / str(cfg.name)))
+    report = write_report(cfg, table, records, seconds, Path(args.report_dir or paths.reports_root() / str(cfg.name)))
     _log(table)
     _log(f"summary written to {report} ({seconds:.1f} s)")
     return 1 if any(r.get("status") == "failed" for r in records) else 0
