@@ -15,6 +15,7 @@ ALLOWED = {
     "rsmbench.analysis": {"rsmbench.core", "rsmbench.data", "rsmbench.run", "rsmbench.harness",
                           "rsmbench.analysis"},
     "rsmbench.cli": {"rsmbench"},
+    "rsmbench.__main__": {"rsmbench.cli"},  # `python -m rsmbench`
     "rsmbench": set(),  # the package's own __init__
     "methods": {"rsmbench.core", "rsmbench.data", "methods"},
     "rewards": {"rsmbench.core", "rsmbench.data", "rewards"},
