@@ -43,9 +43,10 @@ sweep: $(STAMP)  ## run tasks/sweeps/$(SWEEP).yaml
 report: $(STAMP)  ## paper-style report from the MLflow store
 	$(VENV)/bin/rsmbench report
 
-ui: $(STAMP)  ## MLflow UI on 127.0.0.1:$(PORT), one worker
+ui: $(STAMP)  ## MLflow UI on 127.0.0.1:$(PORT), one worker; first prints each experiment's runs-table URL
+	@$(PY) -c 'from rsmbench.run import tracking; print(*tracking.ui_lines($(PORT)), sep="\n")'
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 --host 127.0.0.1 \
-		--port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///results/mlflow.db}
+		--port $(PORT) --backend-store-uri "$$($(PY) -c 'from rsmbench.run import tracking; print(tracking.tracking_uri())')"
 
 clean:  ## remove generated files (keeps .venv and committed checkpoints)
 	rm -rf results/mlflow.db results/runs results/equiv.json .pytest_cache .benchmarks

@@ -16,6 +16,7 @@ ALLOWED = {
                           "rsmbench.analysis"},
     "rsmbench.cli": {"rsmbench"},
     "rsmbench.commands": {"rsmbench"},  # commands compose the layers (plan, run, analyse)
+    "rsmbench.__main__": {"rsmbench.cli"},  # `python -m rsmbench`
     "rsmbench": set(),  # the package's own __init__
     "methods": {"rsmbench.core", "rsmbench.data", "methods"},
     "rewards": {"rsmbench.core", "rsmbench.data", "rewards"},

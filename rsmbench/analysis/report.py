@@ -36,7 +36,7 @@ from rsmbench.analysis import stats
 from rsmbench.core.method import load_all
 from rsmbench.errors import ReportError
 from rsmbench.harness import estimator_study, influence
-from rsmbench.run import tracking
+from rsmbench.run import paths, tracking
 
 HIST_KEYS = ("eval/reward_mean", "eval/kl_ref", "eval/J_gap", "train/reward_queries", "train/nfe",
              "train/wall_time")
@@ -420,7 +420,7 @@ def _run(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    out = Path(args.out) if args.out else Path("reports") / (args.sweep or args.task or "all")
+    out = Path(args.out) if args.out else paths.reports_root() / (args.sweep or args.task or "all")
     path = build(out, args.task, args.sweep, analyses=not args.no_analyses)
     print(f"report written to {path}")
     return 0

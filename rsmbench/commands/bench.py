@@ -15,7 +15,6 @@ holds, plus this call's runs, and goes to ``reports/<task>/summary.md``.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from argparse import Namespace
@@ -25,7 +24,7 @@ import torch
 
 from rsmbench.analysis import summary
 from rsmbench.errors import UserError
-from rsmbench.run import bench, distributed, tracking
+from rsmbench.run import bench, distributed, paths, tracking
 
 
 def add_parser(sub):
@@ -82,14 +81,17 @@ def run(args) -> int:
         f"{specs[0]['budget']['reward_queries']} reward queries each"
         + (f", {dist.world} processes per run" if dist.world > 1 else f", {workers} worker(s)")
         + f"; MLflow at {tracking.tracking_uri()}")
+    if dist.is_main:  # the experiment's description: the task's title
+        tracking.Tracker().experiment(str(cfg.name), description=str(cfg.get("title") or cfg.name))
     if dist.world > 1:
         records = bench.execute(specs, not args.no_progress, _log, args.retry_failed, dist=dist)
     else:
         records = bench.execute_parallel(specs, workers, not args.no_progress, _log, args.retry_failed)
     if not dist.is_main:
         return 0
-    report_dir = Path(args.report_dir or Path(os.environ.get("RSMBENCH_REPORTS", "reports")) / str(cfg.name))
+    report_dir = Path(args.report_dir) if args.report_dir else paths.reports_root() / str(cfg.name)
     table, path = summary.write(cfg, covered, time.time() - t0, report_dir)
     log(table)
     log(f"summary written to {path} ({time.time() - t0:.1f} s)")
+    log(f"MLflow runs table (after `make ui`): {tracking.ui_url(tracking.Tracker().experiment(str(cfg.name)))}")
     return 1 if any(r.get("status") == "failed" for r in records) else 0  # a divergence is a result, not an error

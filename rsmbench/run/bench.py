@@ -32,7 +32,7 @@ from rsmbench.core import method as registry
 from rsmbench.core.checkpoints import load_checkpoint
 from rsmbench.errors import UserError
 from rsmbench.run import budget, distributed, fullscale, tasks, tracking, tuning
-from rsmbench.run.runspec import config_hash, group_hash, run_name, run_spec
+from rsmbench.run.runspec import config_hash, run_name, run_spec
 from rsmbench.run.setup import shared_reward
 from rsmbench.run.train import Diverged, train_run
 
@@ -219,13 +219,13 @@ def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, 
         tracker.reopen(prev.info.run_id,
                        clear_tags=[t for t in ("error", "traceback", "diverged") if t in prev.data.tags])
         return rec
-    tags = {"config_hash": chash, "config_group": group_hash(rc), "method": rc["method"],
+    tags = {"config_hash": chash, tracking.GROUP_TAG: tracking.config_group(rc), "method": rc["method"],
             "formulation": rc["formulation"],
             "process": rc["process"], "seed": rc["seed"], "profile": rc["profile"], "task": rc["task"],
             "method_family": f"{m.order}-order", "table1": m.table1 or "", "equivalence_kind": m.kind,
             "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], "tuned": str(bool(rc.get("tuned"))).lower(),
             **env_tags}
-    run_id = tracker.create_run(exp, name, tags)
+    run_id = tracker.create_run(exp, name, tags, description=tracking.run_description(rc, m))
     tracker.log_params(run_id, tracking.flatten(rc))
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "config.json").write_text(json.dumps(rc, indent=1, sort_keys=True, default=str))

@@ -50,7 +50,7 @@ from rsmbench.core import method as registry
 from rsmbench.core.checkpoints import load_checkpoint
 from rsmbench.core.design import TEMPORAL
 from rsmbench.errors import CheckpointError, SweepError, UserError
-from rsmbench.run import bench, tasks, tracking
+from rsmbench.run import bench, paths, tasks, tracking
 from rsmbench.run.bench import applies
 from rsmbench.run.runspec import run_spec
 
@@ -77,7 +77,7 @@ class Point:
 def load(path) -> dict:
     p = Path(path)
     if not p.is_file():
-        sweeps = sorted(q.stem for q in Path("tasks/sweeps").glob("*.yaml"))
+        sweeps = sorted(str(q) for q in paths.sweeps_dir().glob("*.yaml"))
         raise SweepError(f"no sweep file {str(path)!r}; the shipped sweeps are: {', '.join(sweeps)}")
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=True)

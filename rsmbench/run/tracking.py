@@ -1,9 +1,24 @@
 """MLflow tracking: an embedded sqlite store, safe under several processes writing at once.
 
-Store: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///$RSMBENCH_RESULTS/mlflow.db`` (results root default
-``results/``); artifacts under ``$RSMBENCH_RESULTS/artifacts/<experiment>``. One experiment per
-task, one run per method × formulation × process × seed, identified by the hash of its fully
-resolved config (tag ``config_hash``).
+Store: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///$RSMBENCH_RESULTS/mlflow.db`` (results root default:
+the repository's ``results/``, see ``paths``); artifacts under ``$RSMBENCH_RESULTS/artifacts/<experiment>``.
+One experiment per task, one run per method × formulation × process × seed, identified by the hash
+of its fully resolved config (tag ``config_hash``); the seeds of one configuration share the tag
+``config_group`` (``config_group``).
+
+How the MLflow 3.17 UI shows them:
+- The experiment kind: the tag ``mlflow.experimentKind = custom_model_development`` ("Machine
+  learning", what the UI itself writes when a user picks that type). In MLflow 3.17.2 the UI does
+  not read it to choose the view: with workflow-based navigation on (``shouldEnableWorkflowBasedNavigation``,
+  always true in the 3.17.2 build), ``useExperimentKind`` returns the sidebar's GenAI / Model
+  training switch, which comes from the URL parameter ``workflowType`` or the browser's
+  localStorage (default GenAI). So ``ui_url`` adds ``workflowType=machine_learning``; clicking
+  "Model training" in the sidebar once does the same for every later page in that browser.
+- Descriptions: the tag ``mlflow.note.content`` on the experiment (the task's title) and on each run.
+- The runs table: a saved view (experiment tag ``mlflow.sharedViewState.rsmbench``, listed under
+  "Views") with the key metrics as columns, sorted by the final eval reward, grouped by
+  ``config_group`` (one row per configuration, metrics averaged over its seeds); ``ui_url``
+  opens it (``viewStateShareKey=rsmbench``).
 
 sqlite allows one writer at a time: every client call retries on "database is locked" with a
 jittered backoff, the first schema creation is serialised with a file lock, and a run is claimed
@@ -16,6 +31,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -25,11 +41,20 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from rsmbench.run.paths import results_root
+from rsmbench.run.runspec import group_hash
+
 TRANSIENT = ("database is locked", "database table is locked", "busy", "disk i/o error", "unable to open")
 
-
-def results_root() -> Path:
-    return Path(os.environ.get("RSMBENCH_RESULTS", "results")).resolve()
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow shows on experiment and run pages
+GROUP_TAG = "config_group"
+VIEW_ID = "rsmbench"
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_ID
+# the runs table's columns: the final (last logged) value of each metric, with its width in pixels
+KEY_METRICS = {"eval/reward_mean": 130, "eval/kl_ref": 100, "eval/J_gap": 100, "train/reward_queries": 150}
+FORMULATIONS = {"original": "the authors' loss", "rsm": "its Reward Score Matching instance"}
+UI_PORT = 5055  # `make ui`
 
 
 def tracking_uri() -> str:
@@ -62,6 +87,94 @@ def file_lock(path: Path, blocking: bool = True):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def config_group(config: dict) -> str:
+    """What the seeds of one configuration share: ``method-formulation-process`` and the hash of the
+    run spec without its seed (``runspec.group_hash``; so sweep levels of one method stay apart)."""
+    label = "-".join(str(config[k]) for k in ("method", "formulation", "process") if k in config)
+    h = group_hash(config)[:8]
+    return f"{label} {h}" if label else h
+
+
+def method_summary(method) -> str:
+    """The first line of a method class's module docstring ("DDPO: denoising diffusion policy ...")."""
+    doc = (getattr(sys.modules.get(method.__module__), "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def run_description(config: dict, method=None) -> str:
+    """A run's description (``mlflow.note.content``, Markdown): what ran, then what the method is."""
+    budget = config.get("budget") or {}
+    form = config.get("formulation", "")
+    line = (f"**{config.get('method')}**, {form} formulation ({FORMULATIONS.get(form, form)}), "
+            f"{config.get('process')} process, seed {config.get('seed')}, "
+            f"budget {budget.get('reward_queries')} reward queries ({budget.get('mode')}), "
+            f"profile {config.get('profile', 'tiny')}.")
+    summary = method_summary(method) if method is not None else ""
+    return line + (f"  \n{summary}" if summary else "")  # a line break: the UI folds a second paragraph
+
+
+def runs_view() -> dict:
+    """The saved runs-table view (MLflow 3.17 "Views"): the search facets and UI state that the UI
+    merges over its defaults when it opens ``?viewStateShareKey=rsmbench``. Stored as the experiment
+    tag ``mlflow.sharedViewState.rsmbench`` = ``{name, createdAt, updatedAt, state}`` with ``state``
+    this dict as JSON (plain JSON is accepted beside the UI's deflated form; mlflow 3.17.2
+    ``server/js/build/static/js/3448.da9a79ba.chunk.js``, module 53787, and ``3878.0467b2c4.chunk.js``,
+    which reads the tag and picks these keys)."""
+    metrics = [f"metrics.`{k}`" for k in KEY_METRICS]
+    name = "attributes.`Run Name`"  # the grid's column ids are these canonical keys
+    return {
+        "searchFilter": "", "orderByKey": metrics[0], "orderByAsc": False,
+        "selectedColumns": metrics, "columnOrder": [name, *metrics],  # metrics in this order, next to the name
+        "columnWidths": {name: 300, **{m: w for m, w in zip(metrics, KEY_METRICS.values())}},
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": GROUP_TAG}]},
+        "runsHiddenMode": "SHOW_ALL",  # every group in the charts, not the first 10
+    }
+
+
+def _view_tag(previous: str | None) -> str | None:
+    """The saved-view tag value, or None when `previous` already holds this view."""
+    state = json.dumps(runs_view(), sort_keys=True)
+    try:
+        old = json.loads(previous) if previous else None
+    except ValueError:
+        old = None
+    if isinstance(old, dict) and old.get("state") == state:
+        return None
+    now = int(time.time() * 1000)
+    created = old.get("createdAt", now) if isinstance(old, dict) else now
+    return json.dumps({"name": "rsmbench: key metrics by configuration", "createdAt": created, "updatedAt": now,
+                       "state": state})
+
+
+def ui_url(experiment_id: str | None = None, port: int = UI_PORT, run_id: str | None = None,
+           host: str = "127.0.0.1") -> str:
+    """The MLflow UI page of an experiment's runs table (the saved view), of one run, or of the
+    experiment list, opened as model training (``workflowType=machine_learning``). The server is
+    ``http://host:port`` (``make ui``), or ``MLFLOW_TRACKING_URI`` when that is a tracking server."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
+    if experiment_id is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    if run_id is not None:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_ID}"
+
+
+def ui_lines(port: int = UI_PORT) -> list[str]:
+    """What `make ui` prints before it starts the server: the experiment list and each experiment's
+    runs table. Reads an existing store only (never creates one)."""
+    lines = [f"MLflow UI: {ui_url(port=port)}"]
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return lines + [f"  (no store yet at {uri}: run `make bench TASK=gmm` first)"]
+    for e in retry(MlflowClient(uri).search_experiments):
+        if e.name != "Default":
+            lines.append(f"  {e.name}: {ui_url(e.experiment_id, port)}")
+    lines.append("  (or click 'Model training' in the sidebar once; the browser remembers it)")
+    return lines
+
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -108,17 +221,26 @@ class Tracker:
         else:
             self.client = MlflowClient(self.uri)
 
-    def experiment(self, name: str) -> str:
+    def experiment(self, name: str, description: str | None = None) -> str:
+        """The id of experiment `name`, created if missing. New and existing experiments get the
+        model-training kind and the saved runs view; `description` is set where none is (a
+        description edited in the UI is kept)."""
         exp = retry(self.client.get_experiment_by_name, name)
-        if exp is not None:
-            return exp.experiment_id
-        loc = (results_root() / "artifacts" / name).as_uri()
-        try:
-            return retry(self.client.create_experiment, name, artifact_location=loc)
-        except MlflowException as e:
-            if "already exists" not in str(e).lower() and "unique" not in str(e).lower():
-                raise
-            return retry(self.client.get_experiment_by_name, name).experiment_id
+        if exp is None:
+            loc = (results_root() / "artifacts" / name).as_uri()
+            try:
+                retry(self.client.create_experiment, name, artifact_location=loc)
+            except MlflowException as e:
+                if "already exists" not in str(e).lower() and "unique" not in str(e).lower():
+                    raise
+            exp = retry(self.client.get_experiment_by_name, name)
+        tags = {KIND_TAG: MODEL_TRAINING, VIEW_TAG: _view_tag(exp.tags.get(VIEW_TAG))}
+        if description and not exp.tags.get(NOTE_TAG):
+            tags[NOTE_TAG] = description
+        for key, value in tags.items():
+            if value is not None and exp.tags.get(key) != value:
+                retry(self.client.set_experiment_tag, exp.experiment_id, key, value)
+        return exp.experiment_id
 
     def find_run(self, experiment_id: str, chash: str):
         """The run with this config hash: a FINISHED one if any, else the most recent."""
@@ -130,7 +252,9 @@ class Tracker:
     def runs(self, experiment_id: str, filter_string: str = ""):
         return retry(self.client.search_runs, [experiment_id], filter_string, max_results=5000)
 
-    def create_run(self, experiment_id: str, name: str, tags: dict) -> str:
+    def create_run(self, experiment_id: str, name: str, tags: dict, description: str | None = None) -> str:
+        """A new run; `description` becomes its ``mlflow.note.content`` (see ``run_description``)."""
+        tags = {k: str(v) for k, v in tags.items()} | ({NOTE_TAG: description} if description else {})
         run = retry(self.client.create_run, experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
