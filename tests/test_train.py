@@ -61,3 +61,28 @@ def test_evaluator_is_shared_and_iteration_zero_reuses_the_base_samples(tmp_path
     fresh, x_fresh = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale))
     reused, x_reused = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale), at_base=True)
     assert torch.equal(x_fresh, x_reused) and fresh == reused and reused["eval/kl_ref"] == 0.0
+
+
+def test_method_state_is_checkpointed_and_restored_on_resume(tmp_path, monkeypatch):
+    """DPOK's replay buffer and value network live on the method object: a run stopped after its
+    checkpoint resumes with them (Method.state_dict / load_state_dict through the run checkpoint)."""
+    from methods.dpok import DPOK
+    from rsmbench.run.resume import load_state
+
+    wide = ["divergence.reward=[-1e9,1e9]", "divergence.kl=1e12"]  # random-init nets: far from sane
+    cfg = tasks.load("gmm", tiny_overrides(tmp_path, iterations=4) + ["bench.processes=[diffusion]", *wide])
+    spec = run_spec(cfg, "dpok", "original", "diffusion", 0)
+    ckpt = tmp_path / "run"
+    train_run(spec, ckpt_dir=ckpt, stop_after=2)
+    saved = load_state(ckpt)["method"]
+    assert {"buffer", "value", "value_opt"} <= saved.keys() and len(saved["buffer"]["x"]) > 0
+    seen = {}
+    real = DPOK.load_state_dict
+
+    def spy(self, state):
+        seen["state"] = state
+        return real(self, state)
+
+    monkeypatch.setattr(DPOK, "load_state_dict", spy)
+    res = train_run(spec, ckpt_dir=ckpt)
+    assert res.iterations == 4 and seen["state"].keys() == saved.keys()

@@ -98,6 +98,15 @@ class Method:
     def rsm_spec(self, batch: Batch, ctx: Context):
         raise NotImplementedError
 
+    # -- state a method keeps across iterations (replay buffers, value networks, trackers) -----------
+    def state_dict(self) -> dict:
+        """What a resumed run needs of this method's cross-iteration state (tensors, numbers, lists;
+        saved with the run's checkpoint and read back with ``torch.load(weights_only=True)``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` (a resumed run)."""
+
 
 FORMULATIONS = ("rsm", "original")
 

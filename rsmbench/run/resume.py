@@ -12,14 +12,16 @@ from safetensors.torch import load_file, save_file
 from rsmbench.run.accounting import Counters
 
 
-def save_state(path: Path, net, opt, it: int, counters: Counters, pending: list, state: dict | None = None) -> None:
+def save_state(path: Path, net, opt, it: int, counters: Counters, pending: list, state: dict | None = None,
+               method_state: dict | None = None) -> None:
     """Atomic run checkpoint: net (safetensors; `state` instead of the whole net's state dict when
-    given: the LoRA weights at full scale) + optimizer/counters/pending metrics (torch, weights-only)."""
+    given: the LoRA weights at full scale) + optimizer/counters/pending metrics and the method's own
+    cross-iteration state (``Method.state_dict``; torch, weights-only)."""
     path.mkdir(parents=True, exist_ok=True)
     state = net.state_dict() if state is None else state
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "net.tmp"))
-    torch.save({"opt": opt.state_dict(), "iteration": it, "counters": vars(counters), "pending": pending},
-               path / "state.tmp")
+    torch.save({"opt": opt.state_dict(), "iteration": it, "counters": vars(counters), "pending": pending,
+                "method": method_state or {}}, path / "state.tmp")
     os.replace(path / "net.tmp", path / "net.safetensors")
     os.replace(path / "state.tmp", path / "state.pt")
 

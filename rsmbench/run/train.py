@@ -85,6 +85,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     log_artifact = log_artifact or (lambda path: None)
 
     start, pending = 0, []
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     st = load_state(ckpt_dir) if ckpt_dir is not None else None
     if st is not None:  # resume
         S.load(st["net"])
@@ -92,6 +94,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         start = int(st["iteration"])
         counters.__dict__.update(st["counters"])
         pending = st["pending"]
+        m.load_state_dict(st.get("method") or {})
     for step, metrics in pending:  # logged before the kill? the logger drops steps already present
         log_metrics(metrics, step)
     pending = []
@@ -218,7 +221,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         if on_iteration:
             on_iteration(it, metrics)
         if ckpt_dir is not None and (done or it % ck_every == 0):
-            save_state(ckpt_dir, net, opt, it, counters, pending, S.state())
+            save_state(ckpt_dir, net, opt, it, counters, pending, S.state(), m.state_dict())
             for step, mm in pending:
                 log_metrics(mm, step)
             pending = []
