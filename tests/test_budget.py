@@ -33,7 +33,8 @@ def test_smallest_matched_budget():
 
 
 def _specs(tmp_path, queries):
-    cfg = tasks.load("gmm", tiny_overrides(tmp_path, batch=8) + [f"budget.reward_queries={queries}"])
+    wide = ["divergence.reward=[-1e9,1e9]", "divergence.kl=1e12"]  # random-init nets: far from sane
+    cfg = tasks.load("gmm", tiny_overrides(tmp_path, batch=8) + [f"budget.reward_queries={queries}", *wide])
     return [run_spec(cfg, m, "original", "flow", 0) for m in MIX]
 
 
