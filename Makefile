@@ -11,7 +11,7 @@ PORT   ?= 5055
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test lint bench equiv perf report sweep ui clean venv
+.PHONY: test lint bench tune claims equiv perf report sweep ui clean venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,12 @@ lint: $(STAMP)  ## ruff (pyproject.toml [tool.ruff]); CI fails on any finding
 bench: $(STAMP)  ## compare the methods on TASK (PROFILE, METHODS, SEEDS optional)
 	$(VENV)/bin/rsmbench bench --task $(TASK) $(if $(PROFILE),--profile $(PROFILE)) \
 		$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(model),model=$(model))
+
+tune: $(STAMP)  ## tune every method's learning rate and strength on TASK (writes tasks/tuned/TASK.yaml)
+	$(VENV)/bin/rsmbench tune --task $(TASK) $(if $(METHODS),--methods $(METHODS))
+
+claims: $(STAMP)  ## the RSM paper's claims with verdicts (reports/claims/index.md); QUICK=1 for the short version
+	$(VENV)/bin/rsmbench claims $(if $(QUICK),--quick)
 
 equiv: $(STAMP)  ## gradient equivalence of every method's two formulations (float64)
 	$(VENV)/bin/rsmbench equiv --json results/equiv.json

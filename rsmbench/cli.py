@@ -7,7 +7,7 @@ import logging
 import sys
 
 import rsmbench
-from rsmbench.analysis import report
+from rsmbench.analysis import claims, report
 from rsmbench.commands import bench, tune
 from rsmbench.core import method as registry
 from rsmbench.errors import UserError
@@ -74,7 +74,7 @@ def _add_list_parser(sub):
 
 # Each module that owns a subcommand exposes ``add_parser(sub)``, which sets ``run=`` to a
 # function(args) -> exit code; it is listed here.
-SUBCOMMANDS = [equivalence, pretrain, bench, tune, sweep, report]
+SUBCOMMANDS = [equivalence, pretrain, bench, tune, sweep, report, claims]
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from rsmbench.analysis.stats import interval, iqm, performance_profile, probability_of_improvement, smallest_detectable
+from rsmbench.analysis.stats import (
+    difference,
+    interval,
+    iqm,
+    performance_profile,
+    probability_of_improvement,
+    smallest_detectable,
+)
 
 
 def test_iqm_hand_computed():
@@ -75,3 +82,10 @@ def test_frechet_nuclear_norm_form_equals_sqrtm_formula():
         s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
         ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
         assert frechet(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, rel=1e-8, abs=1e-8)
+
+
+def test_difference_of_means_hand_computed():
+    # X ∈ {1, 3} resamples to means {1, 2, 3} (¼, ½, ¼); Y = {0, 0} never varies: the difference's 95 % CI is [1, 3]
+    assert difference([1.0, 3.0], [0.0, 0.0], n_resamples=20_000, seed=8) == (2.0, 1.0, 3.0)
+    point, lo, hi = difference({"a": [1.0, 1.0], "b": [2.0, 2.0]}, {"a": [0.0, 0.0], "b": [0.0, 0.0]})
+    assert (point, lo, hi) == (1.5, 1.5, 1.5)

@@ -14,6 +14,8 @@ Scores are given per task as arrays of per-run (per-seed) values, ``{task: (n_ru
   count ½; identical samples give ½), averaged over tasks (rliable's ``probability_of_improvement``),
   with a CI from resampling X's and Y's runs independently within each task
   (rliable's ``StratifiedIndependentBootstrap``).
+- ``difference``: mean(X) − mean(Y) with a CI from resampling X's and Y's runs independently
+  (within each task).
 - ``performance_profile``: the fraction of runs (pooled over tasks) whose normalised score exceeds τ,
   with its CI (rliable's ``create_performance_profile``, score distributions).
 - ``smallest_detectable``: the smallest difference of means a two-sample comparison at these seed
@@ -89,6 +91,18 @@ def probability_of_improvement(x, y, confidence: float = CONFIDENCE, n_resamples
     vals = np.mean(per_task, axis=0)
     a = (1 - confidence) / 2
     return point, float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def difference(x, y, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLES,
+               seed: int = SEED) -> tuple[float, float, float]:
+    """(mean(X) − mean(Y), low, high): pooled over tasks, runs resampled independently within each task."""
+    sx, sy = _strata(x), _strata(y)
+    point = float(np.concatenate(sx).mean() - np.concatenate(sy).mean())
+    rng = np.random.default_rng(seed)
+    dx = np.concatenate(_resample(sx, n_resamples, rng), axis=1).mean(axis=1)
+    dy = np.concatenate(_resample(sy, n_resamples, rng), axis=1).mean(axis=1)
+    a = (1 - confidence) / 2
+    return point, float(np.quantile(dx - dy, a)), float(np.quantile(dx - dy, 1 - a))
 
 
 def performance_profile(scores, taus, confidence: float = CONFIDENCE, n_resamples: int = 2000,

@@ -82,23 +82,30 @@ def samples_per_iteration(spec: dict) -> int:
 
 def plan(specs: list[dict], check: bool = True) -> list[dict]:
     """Each tiny-profile spec with its ``budget.schedule`` (full scale: the loop schedules the run
-    after its first iteration); a matched plan that some method cannot spend within 1 % is a
-    ``UserError`` naming the budget that works (``check=False``: only schedule)."""
-    out, misses = [], {}
+    after its first iteration); ``check``: a matched plan that some method cannot spend within 1 % is a
+    ``UserError`` naming the budget that works (``check_matched``)."""
+    out = []
     for spec in specs:
         if spec["profile"] != "tiny":
             out.append(spec)
             continue
         sched = schedule(int(spec["budget"]["reward_queries"]), queries_per_sample(spec),
                          samples_per_iteration(spec), int(spec["train"]["max_iterations"]))
-        if not within(sched["planned_queries"], spec["budget"]["reward_queries"]):
-            misses[spec["method"]] = sched["queries_per_sample"]
         out.append({**spec, "budget": {**spec["budget"], "schedule": sched}})
-    matched = [s for s in out if s["budget"]["mode"] == "matched"]
-    if check and misses and matched:
+    if check:
+        check_matched(out)
+    return out
+
+
+def check_matched(specs: list[dict]) -> None:
+    """Every matched spec of a comparison (planned: with its schedule) spends its budget within 1 %,
+    else a ``UserError`` naming the methods and the smallest budget that all of them match."""
+    matched = [s for s in specs if s["budget"]["mode"] == "matched" and "schedule" in s["budget"]]
+    misses = {s["method"]: s["budget"]["schedule"]["queries_per_sample"] for s in matched
+              if not within(s["budget"]["schedule"]["planned_queries"], s["budget"]["reward_queries"])}
+    if misses:
         budget = int(matched[0]["budget"]["reward_queries"])
-        costs = {s["budget"]["schedule"]["queries_per_sample"] for s in matched if "schedule" in s["budget"]}
+        costs = {s["budget"]["schedule"]["queries_per_sample"] for s in matched}
         worst = ", ".join(f"{m} ({c:g} queries per sample)" for m, c in sorted(misses.items()))
         raise UserError(f"budget.reward_queries={budget} cannot be matched within 1 % by {worst}; "
                         f"use budget.reward_queries={smallest_matched_budget(costs, budget)} or more")
-    return out
