@@ -187,9 +187,9 @@ def base_values(tracker, rows: list[Row]) -> dict:
             hist = [m for m in tracker.history(run.info.run_id, metric) if m.step == 0]
             if hist:
                 vals[metric] = hist[0].value
-        for k, v in run.data.metrics.items():  # constants logged at iteration 0 only (gmm: J*, floors)
-            if k.startswith("eval/") and k.removeprefix("eval/") in BASE_CONSTANTS:
-                vals[k] = v
+        for k, v in run.data.tags.items():  # the task's constants (gmm: J*, floors), tags of every run
+            if k.startswith("reference.") and k.removeprefix("reference.") in BASE_CONSTANTS:
+                vals["eval/" + k.removeprefix("reference.")] = float(v)
         out[r.process] = vals
     return out
 

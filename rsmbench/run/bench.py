@@ -243,6 +243,9 @@ def _train(tracker, rec, ckpt, bar, log, dist) -> None:
     def log_metrics(metrics, step):
         if step > last["step"]:
             tracker.log_metrics(run_id, metrics, step)
+            evals = {f"vs_queries/{k.removeprefix('eval/')}": v for k, v in metrics.items() if k.startswith("eval/")}
+            if evals:  # the eval series again against cumulative reward queries: MLflow's charts at equal compute
+                tracker.log_metrics(run_id, evals, int(metrics.get("train/reward_queries", 0)))
             last["step"] = step
 
     def on_iteration(it, metrics):
@@ -252,8 +255,11 @@ def _train(tracker, rec, ckpt, bar, log, dist) -> None:
     def log_artifact(path):
         tracker.log_artifact(run_id, path, "samples")
 
+    def log_reference(values):  # constants of the task (gmm: J*, floors): tags, not metric series
+        tracker.set_tags(run_id, {f"reference.{k}": f"{v:.6g}" for k, v in values.items()})
+
     try:
-        res = train_run(rc, log_metrics, log_artifact, ckpt, on_iteration, dist=dist)
+        res = train_run(rc, log_metrics, log_artifact, ckpt, on_iteration, dist=dist, log_reference=log_reference)
     except Diverged as e:
         log(f"DIVERGED {name}: {e}", file=sys.stderr)
         if dist.is_main:

@@ -61,11 +61,13 @@ class RunResult:
 
 
 def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | None = None,
-              on_iteration=None, stop_after: int | None = None, dist=None) -> RunResult:
+              on_iteration=None, stop_after: int | None = None, dist=None, log_reference=None) -> RunResult:
     """Run one method × formulation × process × seed (its spec) to its reward-query budget.
 
     log_metrics(metrics: dict, step) and log_artifact(path) receive what is logged (MLflow in the
-    bench; lists in tests). ``stop_after`` simulates a kill after that many iterations (tests).
+    bench; lists in tests). ``log_reference(values)`` receives once the task's constant reference values
+    (gmm: J*, the SW floors), which are not metrics of the run. ``stop_after`` simulates a kill after
+    that many iterations (tests).
     ``dist``: the process group (``distributed.Single()`` by default); on ranks other than 0 nothing
     is evaluated, logged or checkpointed.
     """
@@ -113,8 +115,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         net.eval()
         ev, x = evaluator(Policy(net, S.eval_process, cfg_scale), at_base=it == 0)  # θ = base at iteration 0
         ev["iteration"] = it
-        if gt is not None and it == 0:
-            ev.update({f"eval/{k}": v for k, v in evaluator.base_extra.items()})
+        if gt is not None and it == 0 and log_reference is not None:
+            log_reference(dict(evaluator.base_extra))
         if ckpt_dir is not None:
             png = ckpt_dir / f"samples_{it:06d}.png"
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']}) iteration {it}"
