@@ -50,7 +50,10 @@ def processes(m, task_cfg) -> list[str]:
 
 
 def applies(m, task_cfg, reward) -> str:
-    """'' if method class m can run on the task, else why not."""
+    """'' if method class m can run on the task, else why not. A first-order method trains on the task's
+    ``reward_first_order`` when it has one (a differentiable form of a black-box reward), else on its reward."""
+    if m.order == "first" and task_cfg.get("reward_first_order") is not None:
+        reward = shared_reward(task_cfg.reward_first_order)
     if not processes(m, task_cfg):
         listed = task_cfg.bench.get("processes", "published")
         return (f"it supports the {'/'.join(m.processes)} process(es); the task benches "

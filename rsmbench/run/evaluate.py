@@ -105,6 +105,8 @@ class Evaluator:
                "eval/diversity": diversity(feat), "eval/prior_frechet": frechet(feat, self.base_feat)}
         if self.path_kl:
             out["eval/kl_ref"] = self.kl_to_ref(ro).mean().item()
+        if hasattr(self.reward, "eval_metrics"):  # a task's own protocol (shapes: GenEval's accuracies)
+            out.update({f"eval/{k}": v for k, v in self.reward.eval_metrics(x, ro.cond).items()})
         if self.gt is not None:
             gm = self.gt.run_metrics(x, out["eval/reward_mean"], out.get("eval/kl_ref", 0.0),
                                      self.base_extra["J_star_model"])

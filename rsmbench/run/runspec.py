@@ -8,7 +8,10 @@ everything the run executes, so that two runs with the same hash do the same com
     hp                       the method's resolved hyperparameters (defaults, preset, task overrides)
     budget                   {mode, reward_queries}
     train, eval, alpha       the loop's hyperparameters, the pinned eval protocol, the KL weight of J
-    reward, prompts, data    the reward model, the prompt ids/names, the pretraining data (ground truth)
+    reward, prompts, data    the reward model (evaluation, and training unless train_reward), the prompt
+                             ids/names, the pretraining data (ground truth)
+    train_reward             (only where the task has ``reward_first_order``, a differentiable form of a
+                             black-box reward) a first-order method's training reward
     process_kwargs, model    the sampler grid and the base network, with the checkpoint's sha256
     fullscale                (full-scale profiles) the SD model and the profile's settings
 
@@ -70,6 +73,8 @@ def run_spec(task_cfg, method_id: str, formulation: str, kind: str, seed: int,
                 train=OmegaConf.to_container(task_cfg.train, resolve=True),
                 divergence=OmegaConf.to_container(task_cfg.divergence, resolve=True)
                 if task_cfg.get("divergence") is not None else None)
+    if m.order == "first" and task_cfg.get("reward_first_order") is not None:
+        spec["train_reward"] = OmegaConf.to_container(task_cfg.reward_first_order, resolve=True)
     if tuned:
         if "lr" in tuned:
             spec["train"]["lr"] = float(tuned["lr"])

@@ -82,7 +82,8 @@ def tiny_setup(spec: dict, counters: Counters, with_eval: bool = True) -> Setup:
     return Setup(process=process, policy=CountingPolicy(net, process, cfg_scale, counters),
                  ref=CountingPolicy(frozen_copy(net), process, cfg_scale, counters),
                  new_behaviour=lambda: CountingPolicy(frozen_copy(net), process, cfg_scale, counters),
-                 reward=shared_reward(spec["reward"]), params=[p for p in net.parameters() if p.requires_grad],
+                 reward=shared_reward(spec.get("train_reward") or spec["reward"]),
+                 params=[p for p in net.parameters() if p.requires_grad],
                  state=net.state_dict, load=net.load_state_dict, evaluator=evaluator, eval_process=process,
                  shape=tasks.sample_shape(spec["model"]), cond=lambda it: cond, gt=evaluator and evaluator.gt)
 
