@@ -16,6 +16,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -85,16 +86,23 @@ class TextUNet(nn.Module):
     the longest prompt + 2 (SD pads with a token too and lets the UNet attend to every position;
     CLIP's causal mask keeps padding out of the word states). The UNet cross-attends to the text
     encoder's last hidden states, as SD does, at its ``attention_levels`` coarsest resolutions
-    (and in the mid block); both are trained. The config (prompts and sizes) is
-    enough to rebuild the net: the token table is a non-persistent buffer derived from it.
+    (and in the mid block); both are trained. With ``patch`` = p the UNet runs on the image folded
+    into p×p blocks (``pixel_unshuffle``: (3, H, W) → (3p², H/p, W/p), lossless, undone on the
+    output), the analogue of SD's UNet running on a lower-resolution latent, without a learned VAE.
+    The config (prompts and sizes) is enough to rebuild the net: the token table is a
+    non-persistent buffer derived from it.
     """
 
     SPECIAL = ("<pad>", "<bos>", "<eos>")
 
     def __init__(self, prompts, sample_size: int = 32, channels: int = 3, block_out_channels=(32, 64),
                  layers_per_block: int = 1, norm_num_groups: int = 8, attention_levels: int = 1,
-                 attention_heads: int = 4, text_dim: int = 64, text_layers: int = 2, text_heads: int = 4):
+                 attention_heads: int = 4, text_dim: int = 64, text_layers: int = 2, text_heads: int = 4,
+                 patch: int = 1):
         super().__init__()
+        if sample_size % patch:
+            raise ValueError(f"sample_size {sample_size} is not a multiple of patch {patch}")
+        self.patch = patch
         prompts = [str(p) for p in prompts]
         self.num_classes = len(prompts)
         words = sorted({w for p in prompts for w in p.split()})
@@ -107,7 +115,7 @@ class TextUNet(nn.Module):
             max_position_embeddings=self.max_length, pad_token_id=0, bos_token_id=1, eos_token_id=2))
         plain = len(block_out_channels) - attention_levels  # the finest levels: no attention
         self.unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=channels, out_channels=channels,
+            sample_size=sample_size // patch, in_channels=channels * patch ** 2, out_channels=channels * patch ** 2,
             layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
             down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attention_levels,
             up_block_types=("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * plain,
@@ -133,7 +141,9 @@ class TextUNet(nn.Module):
         t = t.to(x.dtype).expand(x.shape[0])
         if cond is None:
             cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        return self.unet(x, t, encoder_hidden_states=self.encode(cond).to(x.dtype)).sample
+        h = F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x
+        h = self.unet(h, t, encoder_hidden_states=self.encode(cond).to(x.dtype)).sample
+        return F.pixel_shuffle(h, self.patch) if self.patch > 1 else h
 
 
 ARCHS = {"mlp": TimeMLP, "unet": TinyUNet, "text_unet": TextUNet}
