@@ -1,12 +1,14 @@
 """Tiny networks built from config, the frozen reference copy, and the CFG policy wrapper.
 
-Two families, each usable as ε-predictor (diffusion) or v-predictor (flow); the prediction type
+Three families, each usable as ε-predictor (diffusion) or v-predictor (flow); the prediction type
 is a tag checked against the process, the architecture is the same:
 - ``mlp``: a time-conditioned MLP for low-dimensional data (the 2-D toy tasks);
-- ``unet``: a diffusers ``UNet2DModel`` for images, class-conditioned on a prompt index.
+- ``unet``: a diffusers ``UNet2DModel`` for images, class-conditioned on a prompt index;
+- ``text_unet``: Stable Diffusion's structure at toy size, a diffusers ``UNet2DConditionModel``
+  cross-attending to a transformers ``CLIPTextModel`` over a word-level tokenizer of its prompts.
 
 Prompt conditioning is an integer id per sample; id ``num_classes`` is the null prompt used by
-classifier-free guidance (the unconditional branch).
+classifier-free guidance (the unconditional branch; for ``text_unet`` the empty text).
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import copy
 import math
 
 import torch
-from diffusers import UNet2DModel
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from rsmbench.core.process import PREDICTION
 
@@ -72,7 +76,77 @@ class TinyUNet(nn.Module):
         return self.unet(x, t, class_labels=labels).sample
 
 
-ARCHS = {"mlp": TimeMLP, "unet": TinyUNet}
+class TextUNet(nn.Module):
+    """Text-conditioned UNet: ``UNet2DConditionModel`` with cross-attention on ``CLIPTextModel``.
+
+    The net holds its prompt table: ``prompts[k]`` is the text of prompt id k and id
+    ``num_classes = len(prompts)`` is the empty text (CFG's null prompt), so it is called like the
+    other archs, ``net(x, t, cond)`` with integer ids. Tokens: one per word (vocabulary: the
+    sorted words of the prompts after <pad>, <bos>, <eos>), ``<bos> words <eos>`` right-padded to
+    the longest prompt + 2 (SD pads with a token too and lets the UNet attend to every position;
+    CLIP's causal mask keeps padding out of the word states). The UNet cross-attends to the text
+    encoder's last hidden states, as SD does, at its ``attention_levels`` coarsest resolutions
+    (and in the mid block); both are trained. With ``patch`` = p the UNet runs on the image folded
+    into p×p blocks (``pixel_unshuffle``: (3, H, W) → (3p², H/p, W/p), lossless, undone on the
+    output), the analogue of SD's UNet running on a lower-resolution latent, without a learned VAE.
+    The config (prompts and sizes) is enough to rebuild the net: the token table is a
+    non-persistent buffer derived from it.
+    """
+
+    SPECIAL = ("<pad>", "<bos>", "<eos>")
+
+    def __init__(self, prompts, sample_size: int = 32, channels: int = 3, block_out_channels=(32, 64),
+                 layers_per_block: int = 1, norm_num_groups: int = 8, attention_levels: int = 1,
+                 attention_heads: int = 4, text_dim: int = 64, text_layers: int = 2, text_heads: int = 4,
+                 patch: int = 1):
+        super().__init__()
+        if sample_size % patch:
+            raise ValueError(f"sample_size {sample_size} is not a multiple of patch {patch}")
+        self.patch = patch
+        prompts = [str(p) for p in prompts]
+        self.num_classes = len(prompts)
+        words = sorted({w for p in prompts for w in p.split()})
+        self.vocab = {w: i for i, w in enumerate((*self.SPECIAL, *words))}
+        self.max_length = max(len(p.split()) for p in prompts) + 2
+        self.register_buffer("tokens", torch.stack([self.tokenize(p) for p in (*prompts, "")]), persistent=False)
+        self.text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(self.vocab), hidden_size=text_dim, intermediate_size=4 * text_dim,
+            num_hidden_layers=text_layers, num_attention_heads=text_heads,
+            max_position_embeddings=self.max_length, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        plain = len(block_out_channels) - attention_levels  # the finest levels: no attention
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size // patch, in_channels=channels * patch ** 2, out_channels=channels * patch ** 2,
+            layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
+            down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attention_levels,
+            up_block_types=("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * plain,
+            norm_num_groups=norm_num_groups, cross_attention_dim=text_dim,
+            attention_head_dim=attention_heads,  # diffusers' name for the number of heads here
+        )
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """(max_length,) long: <bos> word ids <eos> <pad>…"""
+        try:
+            ids = [1, *(self.vocab[w] for w in text.split()), 2]
+        except KeyError as e:
+            raise ValueError(f"word {e.args[0]!r} is not in the text_unet vocabulary") from None
+        return torch.tensor(ids + [0] * (self.max_length - len(ids)))
+
+    def encode(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, L, text_dim) text states of prompt ids (each distinct prompt encoded once)."""
+        ids, inverse = cond.unique(return_inverse=True)
+        states = self.text(input_ids=self.tokens[ids]).last_hidden_state
+        return states[inverse]
+
+    def forward(self, x, t, cond=None):
+        t = t.to(x.dtype).expand(x.shape[0])
+        if cond is None:
+            cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        h = F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x
+        h = self.unet(h, t, encoder_hidden_states=self.encode(cond).to(x.dtype)).sample
+        return F.pixel_shuffle(h, self.patch) if self.patch > 1 else h
+
+
+ARCHS = {"mlp": TimeMLP, "unet": TinyUNet, "text_unet": TextUNet}
 
 
 def build_net(arch: str, prediction: str, seed: int = 0, dtype=torch.float32, **cfg) -> nn.Module:

@@ -6,7 +6,9 @@ Objectives (one step on a data batch x0, ε ~ N(0, I)):
   with the diffusers convention of ``rsmbench.core.process.FlowProcess`` (model time σ·T).
 - ``epsilon`` (DDPM denoising score matching; Ho et al. 2020, arXiv 2006.11239, Eq. 14): t ~ U{0..T−1},
   x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε on the task's own scheduler, loss ⟨(ε_θ(x_t, t) − ε)²⟩.
-AdamW, an EMA of the weights (the EMA is what is saved), one fixed seed for everything.
+AdamW, an EMA of the weights (the EMA is what is saved), one fixed seed for everything. With
+``cond_dropout: p`` each sample's prompt id is replaced by the null prompt (id ``num_classes``) with
+probability p, so classifier-free guidance is trained in (Ho & Salimans 2022, arXiv 2207.12598, §3.2).
 
 The data come from the task's ``data:`` source (``rsmbench.data.sources``); the result is written
 with ``rsmbench.core.checkpoints.save_checkpoint`` (safetensors + a JSON sidecar with its sha256).
@@ -55,6 +57,9 @@ def pretrain(task_cfg, kind: str, log=print) -> tuple[torch.nn.Module, dict]:
     for step in range(hp["steps"]):
         x0, cond = data.sample(hp["batch"], gen)
         x0 = x0.float()
+        if hp.get("cond_dropout"):  # CFG's null prompt
+            drop = torch.rand(len(cond), generator=gen) < hp["cond_dropout"]
+            cond = torch.where(drop, torch.full_like(cond, net.num_classes), cond)
         eps = torch.randn(x0.shape, generator=gen)
         shape = (-1,) + (1,) * (x0.dim() - 1)
         if objective == "flow_matching":

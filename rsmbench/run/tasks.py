@@ -7,7 +7,9 @@ Schema (see tasks/gmm.yaml for a complete example):
     data: {source, module?, cfg}       pretraining data (rsmbench.data.sources registry; `module` is imported)
     processes.<diffusion|flow>:        process kwargs, base model (arch, net kwargs, checkpoint), pretrain
     reward: {name, cfg}                rewards.get(name, **cfg)
-    prompts: {names, train, eval}      integer class ids (names for display)
+    prompts: {names, train, eval}      integer class ids (names for display); ``${prompt_list:a,b}``
+                                       reads tasks/prompts/a.txt then b.txt (one prompt a line,
+                                       an optional ``category<TAB>`` prefix dropped)
     train, budget, eval, bench         loop hyperparameters, reward-query budget, pinned eval protocol
     methods.<id>: {...}                per-method hyperparameter overrides
     profiles.<tiny|sd15|sd35>: {...}   overrides applied by --profile (tiny = the file as written)
@@ -33,6 +35,20 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ("tiny", "sd15", "sd35")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+
+
+def prompt_list(*names: str) -> list[str]:
+    """The prompts of tasks/prompts/<name>.txt, concatenated (``${prompt_list:a,b}`` in a task file)."""
+    out = []
+    for name in names:
+        path = ROOT / "tasks" / "prompts" / f"{name}.txt"
+        if not path.is_file():
+            raise TaskError(f"prompt list {name!r} not found ({path})")
+        out += [line.rpartition("\t")[2].strip() for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+OmegaConf.register_resolver("prompt_list", prompt_list, replace=True)
 
 
 def tasks_dir() -> Path:

@@ -1,0 +1,281 @@
+"""The shapes task (issue 13): world, prompts, checker, detector reward, text model, base checkpoints."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import ndimage
+
+from rsmbench.core.checkpoints import load_checkpoint, save_checkpoint
+from rsmbench.core.models import Policy, build_net
+from rsmbench.core.process import make_process
+from rsmbench.data import shapes as S
+from rsmbench.data.sources import data_source
+from rsmbench.errors import MissingWeights
+from rsmbench.run import tasks
+
+
+# ---- the world ------------------------------------------------------------------------------------
+def _scenes(seed, n=60):
+    rng = np.random.default_rng(seed)
+    out = [S.random_scene(rng) for _ in range(n)]
+    for cat in S.CATEGORIES:
+        out += [S.scene_for(p, rng) for p in S.all_prompts(cat)[:12]]
+    return out
+
+
+def test_rendering_is_deterministic_given_a_seed():
+    a, b, c = _scenes(3, 20), _scenes(3, 20), _scenes(4, 20)
+    assert a == b and a != c
+    assert all(np.array_equal(S.render(x), S.render(y)) for x, y in zip(a, b))
+    x = S.to_tensor([S.render(s) for s in a])
+    assert x.shape == (len(a), 3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() < x.max() <= 1
+
+
+def _objects_from_pixels(img: np.ndarray) -> set:
+    """Objects recomputed from an image alone: saturated pixels, nearest palette colour, connected
+    components, the shape whose mask the component is, the cell of its box."""
+    f = img.astype(float) / 255
+    sat = f.max(-1) - f.min(-1) > 0.3
+    pal = np.array([S.PALETTE[c] for c in S.COLORS])
+    nearest = ((f[..., None, :] - pal) ** 2).sum(-1).argmin(-1)
+    out = set()
+    for k, color in enumerate(S.COLORS):
+        comps, n = ndimage.label(sat & (nearest == k), structure=np.ones((3, 3)))
+        for sl in ndimage.find_objects(comps):
+            comp = comps[sl] > 0
+            h, w = comp.shape
+            shape = [s for s in S.SHAPES if h == w and h in S.OBJECT_SIZES and np.array_equal(S.mask(s, h), comp)]
+            assert len(shape) == 1, f"component {h}×{w} at {sl} matches {shape}"
+            y0, x0 = sl[0].start, sl[1].start
+            out.add(S.Obj(shape[0], color, y0 // S.CELL, x0 // S.CELL, y0, x0, h))
+    return out
+
+
+def test_labels_are_exact_counts_and_positions_recomputed_from_pixels():
+    for scene in _scenes(0):
+        assert _objects_from_pixels(S.render(scene)) == set(scene.objects)
+        assert 1 <= len(scene.objects) <= S.MAX_OBJECTS
+        assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects)
+        for o in scene.objects:  # inside its cell's slot: ≥ 1 px between any two objects
+            assert o.row * S.CELL <= o.y0 and o.y0 + o.size <= o.row * S.CELL + S.SLOT
+            assert o.col * S.CELL <= o.x0 and o.x0 + o.size <= o.col * S.CELL + S.SLOT
+
+
+# ---- prompts and the checker ----------------------------------------------------------------------
+def _o(shape, color, row, col):
+    return S.Obj(shape, color, row, col, row * S.CELL, col * S.CELL, 5)
+
+
+def test_checker_on_hand_made_labels():
+    rc, bs, gt = _o("circle", "red", 1, 0), _o("square", "blue", 1, 2), _o("triangle", "green", 0, 3)
+    scene = [rc, bs, gt]
+    yes = ["a circle", "a square and a triangle", "a red circle", "a red circle and a blue square",
+           "a red circle to the left of a blue square", "a blue square to the right of a red circle",
+           "a green triangle above a blue square", "a blue square below a green triangle"]
+    no = ["a triangle and a circle and", "two red circles", "a blue circle", "a green circle and a blue square",
+          "a red circle to the right of a blue square", "a red circle above a blue square"]
+    assert all(S.satisfies(scene, p) for p in yes)
+    assert not any(S.satisfies(scene, p) for p in no[1:])
+    # counting is exact (GenEval: include count N, exclude count N + 1); other objects may be present
+    reds = [_o("circle", "red", 0, k) for k in range(3)]
+    assert S.satisfies(reds + [bs], "three red circles")
+    assert not S.satisfies(reds, "two red circles") and not S.satisfies(reds, "four red circles")
+    assert not S.satisfies(reds[:2] + [_o("circle", "blue", 3, 3)], "three red circles")
+    # GenEval's relative_position on cells: one diagonal step is both "left of" and "above",
+    # (1 column, 2 rows) is "above" only
+    assert S.relations(_o("circle", "red", 0, 0), _o("square", "red", 1, 1)) == {"left of", "above"}
+    assert S.relations(_o("circle", "red", 0, 0), _o("square", "red", 2, 1)) == {"above"}
+    assert S.relations(_o("circle", "red", 0, 0), _o("square", "red", 0, 0)) == set()
+
+
+def test_parser_categories_and_rejections():
+    cats = {"a triangle": "single_object", "a circle and a square": "two_object",
+            "four yellow squares": "counting", "a green circle": "colors",
+            "a red circle to the left of a blue square": "position",
+            "a blue circle and a red triangle": "color_attr"}
+    assert {p: S.parse(p).category for p in cats} == cats
+    for bad in ("a circle and a circle", "a purple circle", "five red circles", "a red circle and a red square",
+                "a red circle above a blue circle", "circle"):
+        with pytest.raises(ValueError, match="not a shapes prompt"):
+            S.parse(bad)
+    for cat in S.CATEGORIES:
+        assert all(S.parse(p).category == cat for p in S.all_prompts(cat))
+
+
+def test_every_prompt_has_satisfying_scenes_and_nothing_else():
+    rng = np.random.default_rng(0)
+    for cat in S.CATEGORIES:
+        for p in S.all_prompts(cat):
+            sc = S.scene_for(p, rng)
+            spec = S.parse(p)
+            assert S.satisfies(sc, p)
+            assert len(sc.objects) == sum(c.count for c in spec.clauses)
+
+
+def test_prompt_files_are_the_lists_and_eval_is_held_out():
+    train, ev = S.prompt_lists()
+    assert S.read_prompt_file(S.PROMPTS_DIR / "shapes_train.txt") == train
+    assert S.read_prompt_file(S.PROMPTS_DIR / "shapes_eval.txt") == ev
+    for cat in S.CATEGORIES:
+        tr = {p for c, p in train if c == cat}
+        te = {p for c, p in ev if c == cat}
+        assert len(te) >= 3 and len(tr) >= 3
+        if cat == "single_object":
+            assert tr == te == set(S.all_prompts(cat))
+        elif cat == "two_object":  # the other word order of the same pairs
+            pairs = [{frozenset(S.parse(p).clauses) for p in ps} for ps in (tr, te)]
+            assert not tr & te and pairs[0] == pairs[1]
+        else:
+            assert not tr & te
+    cfg = tasks.load("shapes")
+    assert list(cfg.prompts.names) == [p for _, p in train + ev]
+    assert [cfg.prompts.names[i] for i in cfg.eval.prompts] == [p for _, p in ev]
+    assert all(i < len(train) for i in cfg.prompts.train)
+    assert {S.parse(cfg.prompts.names[i]).category for i in cfg.prompts.train} == set(S.CATEGORIES)
+
+
+def test_pretraining_source_is_deterministic_and_skewed():
+    cfg = tasks.load("shapes")
+    dc = OmegaConf.to_container(cfg.data, resolve=True)
+    src = data_source(dc["source"], dc["module"], **dc["cfg"])
+    x, c = src.sample(300, torch.Generator().manual_seed(0))
+    x2, c2 = src.sample(300, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(c, c2) and x.shape == (300, 3, 32, 32)
+    cats = [S.parse(cfg.prompts.names[i]).category for i in c.tolist()]
+    single = sum(k in ("single_object", "colors") for k in cats) / len(cats)
+    assert 0.5 < single < 0.7  # weights 0.3 + 0.3
+    # every image satisfies its prompt (recomputed from its pixels)
+    imgs = ((x[:40] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert all(S.satisfies(_objects_from_pixels(im), cfg.prompts.names[i]) for im, i in zip(imgs, c[:40].tolist()))
+
+
+# ---- the reward -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reward():
+    import rewards
+
+    cfg = tasks.load("shapes")
+    return rewards.get("geneval_tiny_soft", **tasks.reward_kwargs(cfg))
+
+
+def test_detector_agrees_with_exact_labels_per_category(reward):
+    """Small-scale version of the card's figure (rewards/weights/shapes_detector.json: 500 per
+    category): ≥ 98 % agreement of the strict score with the labels, clean and degraded."""
+    from rewards import shapes as R
+
+    v = R.validity(reward.detector, per_category=60, seed=11, degrade_seed=12)
+    for cat, m in v.items():
+        assert m["clean"]["agreement"] >= 0.98, (cat, m)
+        assert m["degraded"]["agreement"] >= 0.98, (cat, m)
+        assert 0.3 < m["clean"]["positives"] < 0.8  # both outcomes are tested
+
+
+def _prompt_scenes(n_per, seed):
+    cfg = tasks.load("shapes")
+    rng = np.random.default_rng(seed)
+    ids = [i for i in cfg.eval.prompts for _ in range(n_per)]
+    scenes = [S.scene_for(cfg.prompts.names[i], rng) if k % 2 == 0 else S.random_scene(rng)
+              for k, i in enumerate(ids)]
+    return S.to_tensor([S.render(s) for s in scenes]), torch.tensor(ids), scenes, cfg
+
+
+def test_strict_is_binary_and_agrees_with_the_soft_threshold(reward):
+    import rewards
+
+    x, cond, scenes, cfg = _prompt_scenes(4, 5)
+    strict = rewards.get("geneval_tiny", **tasks.reward_kwargs(cfg))
+    assert not strict.differentiable and reward.differentiable
+    r = strict(x, cond)
+    assert set(r.unique().tolist()) == {0.0, 1.0}
+    soft = reward(x, cond)
+    assert soft.dtype == x.dtype and (soft <= 0).all()
+    assert torch.equal(r.bool(), soft >= math.log(0.5))
+    truth = torch.tensor([S.satisfies(s, cfg.prompts.names[i]) for s, i in zip(scenes, cond.tolist())])
+    assert torch.equal(r.bool(), truth)
+
+
+def test_soft_reward_has_pixel_gradients(reward):
+    x, cond, _, _ = _prompt_scenes(1, 6)
+    x = x.double().requires_grad_()
+    reward(x, cond).sum().backward()
+    g = x.grad
+    assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_eval_metrics_are_genevals_summary(reward):
+    cfg = tasks.load("shapes")
+    rng = np.random.default_rng(7)
+    ids = list(cfg.eval.prompts)
+    good = S.to_tensor([S.render(S.scene_for(cfg.prompts.names[i], rng)) for i in ids])
+    m = reward.eval_metrics(good, torch.tensor(ids))
+    assert set(m) == {"accuracy/overall"} | {f"accuracy/{c}" for c in S.CATEGORIES}
+    assert all(v == 1.0 for v in m.values())
+    # only the category of the wrong images drops; overall = the mean of the six categories
+    bad = torch.full_like(good, 0.7)  # blank grey images satisfy nothing
+    cats = [S.parse(cfg.prompts.names[i]).category for i in ids]
+    mix = torch.where(torch.tensor([c == "counting" for c in cats])[:, None, None, None], bad, good)
+    m = reward.eval_metrics(mix, torch.tensor(ids))
+    assert m["accuracy/counting"] == 0.0 and m["accuracy/position"] == 1.0
+    assert m["accuracy/overall"] == pytest.approx(5 / 6)
+    assert reward.features(good).shape == (len(ids), 96 * 16)
+    with pytest.raises(ValueError, match="prompt ids"):
+        reward(good)
+
+
+def test_detector_weights_are_hash_checked(tmp_path):
+    import shutil
+
+    from rewards import shapes as R
+
+    dst = tmp_path / "det.safetensors"
+    shutil.copy(R.WEIGHTS_PATH, dst)
+    shutil.copy(R.WEIGHTS_PATH.replace(".safetensors", ".json"), tmp_path / "det.json")
+    R.load_detector(str(dst))
+    with open(dst, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(MissingWeights, match="sha256"):
+        R.load_detector(str(dst))
+
+
+# ---- the text-conditioned model -------------------------------------------------------------------
+def test_text_unet_builds_from_config_and_round_trips(tmp_path):
+    prompts = ["a red circle", "two blue squares", "a circle to the left of"]
+    kw = dict(prompts=prompts, sample_size=16, patch=2, block_out_channels=[8, 16], norm_num_groups=4,
+              attention_levels=1, attention_heads=2, text_dim=16, text_layers=1, text_heads=2)
+    net = build_net("text_unet", "v", seed=1, **kw)
+    assert net.num_classes == 3 and net.tokens.shape == (4, 8)  # the longest prompt (6 words) + <bos>, <eos>
+    assert net.tokens[3].tolist()[:3] == [1, 2, 0]  # the null prompt: <bos> <eos> <pad>…
+    assert "tokens" not in net.state_dict()  # derived from the config, not stored
+    digest = save_checkpoint(net, tmp_path / "m.safetensors", {"arch": "text_unet", "prediction": "v", "net": kw})
+    back, cfg = load_checkpoint(tmp_path / "m.safetensors")
+    assert json.loads((tmp_path / "m.json").read_text())["sha256"] == digest
+    x, t = torch.randn(5, 3, 16, 16), torch.full((5,), 500.0)
+    cond = torch.tensor([0, 1, 2, 3, 0])
+    with torch.no_grad():
+        out = net(x, t, cond)
+        assert torch.equal(out, back(x, t, cond))
+        assert not torch.allclose(out[0], net(x[:1], t[:1], torch.tensor([1]))[0])  # the text matters
+        assert torch.equal(net(x, t, None), net(x, t, torch.full((5,), 3)))  # None = the null prompt
+    pol = Policy(back, make_process("flow", num_steps=4), cfg_scale=3.0)  # CFG through the null prompt
+    assert pol(x, 0, cond).shape == x.shape
+    with pytest.raises(ValueError, match="'purple' is not in the text_unet vocabulary"):
+        net.tokenize("a purple circle")
+
+
+def test_committed_base_models_load_with_their_hash_and_match_the_task_file():
+    cfg = tasks.load("shapes")
+    for kind in ("flow", "diffusion"):
+        pc = cfg.processes[kind]
+        path = tasks.resolve_path(pc.model.checkpoint)
+        net, meta = load_checkpoint(path, task="shapes")
+        assert path.stat().st_size < 4e6
+        assert meta["arch"] == "text_unet" and net.num_classes == len(cfg.prompts.names)
+        assert meta["pretrain"] == OmegaConf.to_container(pc.pretrain)
+        assert meta["net"] == OmegaConf.to_container(pc.model.net)
+        assert meta["data"] == OmegaConf.to_container(cfg.data)
+        assert meta["process_kwargs"] == OmegaConf.to_container(pc.process)
+        assert meta["pretrain"]["cond_dropout"] > 0  # CFG is trained in
