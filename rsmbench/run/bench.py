@@ -222,7 +222,8 @@ def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, 
     tags = {"config_hash": chash, tracking.GROUP_TAG: tracking.config_group(rc), "method": rc["method"],
             "formulation": rc["formulation"],
             "process": rc["process"], "seed": rc["seed"], "profile": rc["profile"], "task": rc["task"],
-            "method_family": f"{m.order}-order", "table1": m.table1 or "", "equivalence_kind": m.kind,
+            "method_family": f"{m.order}-order", "table1": m.table1 or "",
+            "equivalence_kind": m.equivalence_kind(rc["hp"])[0],
             "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], "tuned": str(bool(rc.get("tuned"))).lower(),
             **env_tags}
     run_id = tracker.create_run(exp, name, tags, description=tracking.run_description(rc, m))
