@@ -84,7 +84,7 @@ class AlignProp(RewardBackprop):
     def check_hparams(self, hp):
         super().check_hparams(hp)
         if hp["k_max"] is not None and hp["k_max"] < hp["k_min"] + (hp["truncation"] == "uniform"):
-            raise TaskError(f"alignprop: k_max {hp['k_max']} must be {'>' if hp['truncation'] == 'uniform' else '>='} "
+            raise TaskError(f"k_max {hp['k_max']} must be {'>' if hp['truncation'] == 'uniform' else '>='} "
                             f"k_min {hp['k_min']} ({hp['truncation']} truncation)")
 
     def trained_steps(self, ctx, seeds) -> torch.Tensor:

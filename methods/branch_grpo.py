@@ -123,9 +123,9 @@ class BranchGRPO(Method):
 
     def check_hparams(self, hp):
         if len(hp["split_steps"]) != len(hp["ks"]):
-            raise TaskError(f"branch_grpo: split_steps {hp['split_steps']} and ks {hp['ks']} need one k per split")
+            raise TaskError(f"split_steps {hp['split_steps']} and ks {hp['ks']} need one k per split")
         if hp["sde_window"] is not None and len(hp["sde_window"]) not in (1, 2):
-            raise TaskError(f"branch_grpo.sde_window must be [start] or [start, end], got {hp['sde_window']}")
+            raise TaskError(f"sde_window must be [start] or [start, end], got {hp['sde_window']}")
 
     def __init__(self):
         self.step_count = 0  # training steps taken: the sliding depth-pruning window moves with it

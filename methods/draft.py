@@ -71,7 +71,7 @@ class RewardBackprop(Method):
     influence_rms_ratio = True
 
     def check_hparams(self, hp):
-        check_reward_target(self.id, hp)
+        check_reward_target(hp)
 
     # -- which steps carry grad -----------------------------------------------------------------
     def trained_steps(self, ctx, seeds) -> torch.Tensor:

@@ -89,7 +89,7 @@ class ReFL(Method):
                        c2=torch.zeros(len(rows)), anchor="behaviour")
 
     def check_hparams(self, hp):
-        check_reward_target(self.id, hp)
+        check_reward_target(hp)
 
     def influence_signal(self, batch, ctx, rows):
         return batch.extras["x0_grad"][rows.sample]  # ∇r at the row's x̂₀ (digest §8.11)

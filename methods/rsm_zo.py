@@ -89,7 +89,7 @@ class RSMZeroOrder(Method):
 
     def check_hparams(self, hp):
         if not any(int(v) > 0 for v in hp["k"]):
-            raise TaskError(f"rsm_zo.k must branch at some step (an entry > 0), got {hp['k']}")
+            raise TaskError(f"k must branch at some step (an entry > 0), got {hp['k']}")
     presets = {
         "sd15_ours": {"k": [4 if i % 10 == 0 else 0 for i in range(50)], "const_weight": 4.5,
                       "weight_scale": 8.70575076181, "beta": 0.0, "anchor_beta": 8e-5, "anchor_ratio": 0.10,

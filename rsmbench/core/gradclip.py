@@ -126,7 +126,7 @@ class ClippedRewardGradient:
 
     def check_hparams(self, hp: dict) -> None:
         if hp.get("clip") == "fixed" and hp.get("clip_threshold") is None:
-            raise TaskError(f"{self.id}: clip 'fixed' needs clip_threshold (a number > 0)")
+            raise TaskError("clip 'fixed' needs clip_threshold (a number > 0)")
         super().check_hparams(hp)
 
     def reset_clipper(self, hp: dict) -> None:

@@ -114,13 +114,18 @@ class Method:
         hp.update(overrides)
         return self.validate_hparams(hp)
 
-    def validate_hparams(self, hp: dict) -> dict:
+    def validate_hparams(self, hp: dict, where: str | None = None) -> dict:
         """Every name declared (this method's ``params`` or ``COMMON``), every value of its type and in its
-        range, then the method's own relations (``check_hparams``); raises ``TaskError`` (one line)."""
+        range, then the method's own relations (``check_hparams``); raises ``TaskError`` (one line naming
+        `where` the values come from, default the method id)."""
+        where = where or self.id
         declared = {**COMMON, **self.params}
-        check_keys(hp, declared, f"method {self.id!r}", "hyperparameter")
-        out = {k: declared[k].check(v, f"{self.id}.{k}") for k, v in hp.items()}
-        self.check_hparams(out)
+        check_keys(hp, declared, where, "hyperparameter")
+        out = {k: declared[k].check(v, f"{where}.{k}") for k, v in hp.items()}
+        try:
+            self.check_hparams(out)
+        except TaskError as e:
+            raise TaskError(f"{where}: {e}") from None
         return out
 
     def check_hparams(self, hp: dict) -> None:

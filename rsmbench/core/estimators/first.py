@@ -64,10 +64,10 @@ def terminal_velocity_shift(g_x0: torch.Tensor, scale=1.0) -> torch.Tensor:
 PHI_LOSSES = ("neg", "abs_target", "relu_margin")  # the reward losses φ of ``phi_loss``; the last two need a target
 
 
-def check_reward_target(method_id: str, hp: dict) -> None:
+def check_reward_target(hp: dict) -> None:
     """A reward loss with a target ('abs_target', 'relu_margin') needs ``reward_target``."""
     if hp.get("reward_loss") in ("abs_target", "relu_margin") and hp.get("reward_target") is None:
-        raise TaskError(f"{method_id}: reward_loss {hp['reward_loss']!r} needs reward_target (a number)")
+        raise TaskError(f"reward_loss {hp['reward_loss']!r} needs reward_target (a number)")
 
 
 def phi_loss(r: torch.Tensor, kind: str = "neg", c: float | None = None) -> torch.Tensor:
