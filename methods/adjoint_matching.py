@@ -50,6 +50,7 @@ from rsmbench.core.adjoint import lean_adjoint
 from rsmbench.core.diffrollout import reward_and_grad
 from rsmbench.core.estimators.first import stein_shift
 from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import generators, sample
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
@@ -90,6 +91,9 @@ class QuantileEMA:
 class AdjointMatching(Method):
     id = "adjoint_matching"
     processes = ("flow", "diffusion")
+    # the paper fine-tunes Flow Matching text-to-image models (arXiv 2409.08861, abstract and Fig. 1: "for the
+    # first time, Flow Matching models"); the SD1.5 code cited above is Microsoft's reimplementation
+    published_processes = ("flow",)
     order = "first"
     kind = "loss"
     table_row = {"psi": '−σ²·ã/B (lean adjoint from −λ∇r, base-model chain)', "gamma": '1',
@@ -99,8 +103,12 @@ class AdjointMatching(Method):
     table1 = "not a Table 1 row (digest §8.11)"
     kind_reason = ("loss identity for all θ given the batch's lean adjoint and clip mask (fixed at θ†); "
                    "optimality needs a memoryless schedule")
-    defaults = {"reward_scale": 1.0, "adjoint_time": "current", "train_timesteps": 4, "clip_quantile": 0.9,
-                "ema_decay": 0.9, "time_seed": 0}
+    defaults = {"reward_scale": hp(1.0, gt=0), "adjoint_time": hp("current", choices=("current", "next")),
+                "train_timesteps": hp(4, ge=1, null=True),  # None: every step
+                "clip_quantile": hp(0.9, le=1, null=True),  # < 0 or None: no loss clipping
+                "ema_decay": hp(0.9, gt=0, le=1), "time_seed": hp(0, ge=0)}
+    strength = "reward_scale"  # λ
+    influence_preset = {"diffusion": "aesthetic", "flow": "aesthetic"}
     presets = {
         "soc_sd15": {"reward_scale": 100.0, "adjoint_time": "current", "train_timesteps": 4, "clip_quantile": 0.9,
                      "source": "microsoft/soc-fine-tuning-sd@489f904 configs/multi_prompt.yaml (reward_multiplier "
@@ -118,6 +126,20 @@ class AdjointMatching(Method):
         if getattr(self, "_ema", None) is None:
             self._ema = QuantileEMA()
         return self._ema
+
+    def state_dict(self) -> dict:
+        """The loss-clip threshold's EMA (a resumed run continues it)."""
+        ema = getattr(self, "_ema", None)
+        return {} if ema is None or ema.value is None else {"ema": {"value": float(ema.value), "updates": ema.updates,
+                                                                       "decay": float(ema.decay)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "ema" in state:
+            self._ema = QuantileEMA(state["ema"]["decay"])
+            self._ema.value, self._ema.updates = state["ema"]["value"], int(state["ema"]["updates"])
+
+    def influence_signal(self, batch, ctx, rows):
+        return -batch.row_data["lean_adjoint"]  # minus the lean adjoint at the row's state (§4.1 adjoint-style)
 
     def collect(self, ctx, cond, seeds) -> Batch:
         ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond, dtype=_dtype(ctx))

@@ -37,21 +37,29 @@ from __future__ import annotations
 import torch
 
 from methods.draft import RewardBackprop
+from rsmbench.core.estimators.first import PHI_LOSSES
 from rsmbench.core.method import register
+from rsmbench.core.params import hp
+from rsmbench.errors import TaskError
 
 MAX_DRAWS = 10_000  # rejection sampling of a truncation that trains at least one step
+TRUNCATIONS = ("per_step", "gaussian", "uniform", "fixed")
 
 
 @register
 class AlignProp(RewardBackprop):
     id = "alignprop"
+    published_processes = ("diffusion",)  # SD1.5 (arXiv 2310.03739 §4; mihirp1998/AlignProp)
+    influence_preset = {"diffusion": "aesthetic", "flow": "aesthetic"}
     table_row = {"psi": 'as DRaFT, trained steps drawn per iteration', "gamma": '1 on the trained steps',
                  "c1": 'D·K/2 (native), anchor s_θ†', "c2": '0', "branching": False, "current_state": False}
     paper = "Prabhudesai et al. 2023, arXiv 2310.03739, Eq. 3 and §3 (randomized truncation, checkpointing)"
     table1 = "not a Table 1 row (digest §8.11)"
-    defaults = {"truncation": "per_step", "k_min": 0, "k_max": None, "k_mean": 42.0, "k_std": 5.0, "k": 1,
-                "k_seed": 0, "reward_scale": 1.0, "reward_loss": "neg", "reward_target": None, "stochastic": True,
-                "checkpoint": True}
+    defaults = {"truncation": hp("per_step", choices=TRUNCATIONS), "k_min": hp(0, ge=0),
+                "k_max": hp(None, type=int, ge=0),  # None: the process's N
+                "k_mean": hp(42.0), "k_std": hp(5.0, ge=0), "k": hp(1, ge=1), "k_seed": hp(0, ge=0),
+                "reward_scale": hp(1.0, gt=0), "reward_loss": hp("neg", choices=PHI_LOSSES),
+                "reward_target": hp(None, type=float), "stochastic": True, "checkpoint": True}
     presets = {
         "aesthetic": {"truncation": "per_step", "k_min": 0, "k_max": 50, "reward_scale": 0.01,
                       "reward_loss": "abs_target", "reward_target": 10.0, "stochastic": False, "checkpoint": True,
@@ -72,6 +80,12 @@ class AlignProp(RewardBackprop):
                                      "'gaussian', mean 42, std 5; loss_coeff 0.01; aesthetic_target 10; sample_eta "
                                      "1.0), sd_pipeline.py:124-131, 224-225"},
     }
+
+    def check_hparams(self, hp):
+        super().check_hparams(hp)
+        if hp["k_max"] is not None and hp["k_max"] < hp["k_min"] + (hp["truncation"] == "uniform"):
+            raise TaskError(f"k_max {hp['k_max']} must be {'>' if hp['truncation'] == 'uniform' else '>='} "
+                            f"k_min {hp['k_min']} ({hp['truncation']} truncation)")
 
     def trained_steps(self, ctx, seeds) -> torch.Tensor:
         hp, N = ctx.hp, ctx.process.num_steps

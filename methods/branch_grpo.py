@@ -61,8 +61,18 @@ import torch
 
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec
-from rsmbench.core.tree import branching_tree, fuse_rewards, node_advantages, sde_window, to_batch
+from rsmbench.core.tree import (
+    FUSIONS,
+    GROUP_STRATEGIES,
+    branching_tree,
+    fuse_rewards,
+    node_advantages,
+    sde_window,
+    to_batch,
+)
+from rsmbench.errors import TaskError
 
 WIDTH_MODES = (0, 1, 2)
 
@@ -71,6 +81,7 @@ WIDTH_MODES = (0, 1, 2)
 class BranchGRPO(Method):
     id = "branch_grpo"
     processes = ("diffusion", "flow")
+    published_processes = ("flow",)  # FLUX.1-dev (BranchGRPO scripts/finetune/finetune_flux_branchgrpo_8gpus.sh)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A_node·ξ, A from fused descendant leaves, per-depth normalised', "gamma": '1',
@@ -79,11 +90,17 @@ class BranchGRPO(Method):
              "advantages, pruning); DanceGRPO PPO-clip: arXiv 2505.07818, Eq. 6-8; RSM digest §8.8")
     table1 = "Branch-GRPO"
     kind_reason = "θ = θ† (ρ = 1, clip inactive) on every tree edge; pruning is row selection, shared by both"
-    defaults = {"split_steps": [1, 4], "ks": [2, 2], "split_noise_scale": 4.0, "sde_window": None, "fusion": "mean",
-                "group_strategy": "seed", "clip_range": 1e-3, "adv_clip_max": 5.0, "adv_eps": 1e-8,
-                "adv_unbiased": True, "adv_zero_std": 1e-6, "width_pruning_mode": 0, "width_pruning_ratio": 0.5,
-                "depth_pruning": [], "depth_pruning_slide": False, "depth_pruning_slide_interval": 1,
-                "depth_pruning_stop_depth": None}
+    defaults = {"split_steps": hp([1, 4], items=hp(0, ge=0)), "ks": hp([2, 2], items=hp(0, ge=1)),
+                "split_noise_scale": hp(4.0, gt=0),
+                "sde_window": hp(None, type=list, items=hp(None, type=int, ge=0)),  # [start, end): SDE steps
+                "fusion": hp("mean", choices=FUSIONS), "group_strategy": hp("seed", choices=GROUP_STRATEGIES),
+                "clip_range": hp(1e-3, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True), "adv_eps": hp(1e-8, gt=0),
+                "adv_unbiased": True, "adv_zero_std": hp(1e-6, ge=0, null=True),
+                "width_pruning_mode": hp(0, choices=WIDTH_MODES), "width_pruning_ratio": hp(0.5, gt=0, le=1),
+                "depth_pruning": hp([], items=hp(0, ge=1)), "depth_pruning_slide": False,
+                "depth_pruning_slide_interval": hp(1, ge=1), "depth_pruning_stop_depth": hp(None, type=int, ge=0)}
+    strength = "clip_range"  # the PPO clip ε
+    influence_preset = {"diffusion": "branchgrpo", "flow": "branchgrpo"}
     presets = {
         "branchgrpo": {"split_steps": [0, 3, 6, 9], "ks": [2, 2, 2, 2], "split_noise_scale": 4.0, "fusion": "mean",
                        "group_strategy": "seed", "clip_range": 1e-3, "adv_clip_max": 5.0,
@@ -103,6 +120,12 @@ class BranchGRPO(Method):
                                         "true, interval 30, stop depth 9, WIDTH_PRUNING_MODE 1) and argparse "
                                         "--width_pruning_ratio 0.5 (train_branchgrpo_flux.py@ffc3c90:2103)"},
     }
+
+    def check_hparams(self, hp):
+        if len(hp["split_steps"]) != len(hp["ks"]):
+            raise TaskError(f"split_steps {hp['split_steps']} and ks {hp['ks']} need one k per split")
+        if hp["sde_window"] is not None and len(hp["sde_window"]) not in (1, 2):
+            raise TaskError(f"sde_window must be [start] or [start, end], got {hp['sde_window']}")
 
     def __init__(self):
         self.step_count = 0  # training steps taken: the sliding depth-pruning window moves with it

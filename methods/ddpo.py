@@ -31,6 +31,7 @@ import torch
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import PerPromptStatTracker, clip_advantages, group_advantages
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec
 
 
@@ -38,6 +39,7 @@ from rsmbench.core.rsm import RSMSpec
 class DDPO(Method):
     id = "ddpo"
     processes = ("diffusion",)
+    published_processes = ("diffusion",)  # SD1.4 (arXiv 2305.13301 §6; kvablack/ddpo-pytorch)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ, A per-prompt tracked, clipped ±5', "gamma": '1',
@@ -46,8 +48,11 @@ class DDPO(Method):
     paper = "DDPO: Black et al. 2023, arXiv 2305.13301, Eq. 4 (DDPO_IS) + PPO clip; RSM digest §8.5, §8.11"
     table1 = "not a Table 1 row (digest §8.11): the PPO / GRPO / PCPO-base row on diffusion"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
-    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
-                "buffer_size": 32, "min_count": 16, "adv_eps": 1e-6}
+    defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True),
+                "per_prompt_stat_tracking": True, "buffer_size": hp(32, ge=1), "min_count": hp(16, ge=1),
+                "adv_eps": hp(1e-6, gt=0)}
+    strength = "clip_range"  # the PPO clip ε
+    influence_preset = {"diffusion": "ddpo_pytorch"}
     presets = {
         "ddpo_pytorch": {"clip_range": 1e-4, "adv_clip_max": 5.0, "per_prompt_stat_tracking": True,
                          "buffer_size": 32, "min_count": 16,

@@ -49,6 +49,7 @@ import torch
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import ValueMLP
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import Transitions
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 from rsmbench.core.tree import cat_rows
@@ -60,6 +61,7 @@ KL_FORMS = ("eps_mse", "gaussian")
 class DPOK(Method):
     id = "dpok"
     processes = ("diffusion",)
+    published_processes = ("diffusion",)  # SD1.5 (arXiv 2305.16381 §5; google-research dpok/README.md)
     order = "zeroth"
     kind = "approximate"
     table_row = {"psi": '(σ/(βΩ))·(r − V(x_t))·ξ, learned value baseline', "gamma": '1', "c1": 'β·Ω²/(2σ²)',
@@ -69,9 +71,14 @@ class DPOK(Method):
     kind_reason = ("replayed rows are off-policy: DPOK's clamp(ρ, 1 ± ratio_clip) zeroes their gradient once "
                    "|ρ − 1| > ratio_clip, the RSM instance keeps them; on fresh rows (a run's first batch, the "
                    "harness's) both use the same r − V(x_t) and agree to round-off")
-    defaults = {"reward_weight": 10.0, "beta": 0.01, "ratio_clip": 1e-4, "kl_form": "eps_mse",
-                "value_baseline": True, "kl_in_reward": False, "replay": True, "buffer_size": 1000,
-                "policy_rows": None, "v_batch_size": 256, "v_steps": 5, "v_lr": 1e-4, "v_hidden": 64, "v_seed": 0}
+    defaults = {"reward_weight": hp(10.0, gt=0), "beta": hp(0.01, gt=0),  # > 0: the RSM instance's Ψ̂ ∝ 1/β
+                "ratio_clip": hp(1e-4, gt=0),
+                "kl_form": hp("eps_mse", choices=KL_FORMS), "value_baseline": True, "kl_in_reward": False,
+                "replay": True, "buffer_size": hp(1000, ge=1), "policy_rows": hp(None, type=int, ge=1),
+                "v_batch_size": hp(256, ge=1), "v_steps": hp(5, ge=1), "v_lr": hp(1e-4, gt=0),
+                "v_hidden": hp(64, ge=1), "v_seed": hp(0, ge=0)}
+    strength = "beta"  # the KL weight
+    influence_preset = {"diffusion": "dpok"}
     presets = {
         "dpok": {"reward_weight": 10.0, "beta": 0.01, "ratio_clip": 1e-4, "kl_form": "eps_mse",
                  "value_baseline": True, "replay": True, "buffer_size": 1000, "v_batch_size": 256,

@@ -46,8 +46,9 @@ import torch
 from rsmbench.core import weights
 from rsmbench.core.adjoint import chain_adjoint
 from rsmbench.core.diffrollout import forward_noise, replay, reward_and_grad
-from rsmbench.core.estimators.first import adjoint_pullback, phi_loss, phi_slope
+from rsmbench.core.estimators.first import PHI_LOSSES, adjoint_pullback, check_reward_target, phi_loss, phi_slope
 from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import generators, per_sample_randn, sample
 from rsmbench.core.rsm import RSMSpec
 
@@ -64,6 +65,13 @@ class RewardBackprop(Method):
     processes = ("diffusion", "flow")
     kind_reason = ("exact at θ = θ†: same stored initial noise and step noises in both; the RSM "
                    "adjoint holds the x_i fixed, the original moves them once θ ≠ θ†")
+    strength = "reward_scale"  # the loss coefficient λ
+    # Ψ̂ carries the exact chain Jacobian, not a multiple of one raw signal: the influence figure reads
+    # κ as an RMS ratio against the terminal gradient ∇_{x_N} r (the default influence_signal)
+    influence_rms_ratio = True
+
+    def check_hparams(self, hp):
+        check_reward_target(hp)
 
     # -- which steps carry grad -----------------------------------------------------------------
     def trained_steps(self, ctx, seeds) -> torch.Tensor:
@@ -148,10 +156,14 @@ class RewardBackprop(Method):
 @register
 class DRaFT(RewardBackprop):
     id = "draft"
+    published_processes = ("diffusion",)  # SD1.4 (arXiv 2309.17400 §5)
+    influence_preset = {"diffusion": "draft_1", "flow": "draft_1"}
     paper = "Clark et al. 2023, arXiv 2309.17400, Algorithm 1 and the DRaFT-K / DRaFT-LV variants"
     table1 = "not a Table 1 row (digest §8.11)"
-    defaults = {"k": 1, "lv_draws": 0, "lv_reduce": "mean", "reward_scale": 1.0, "reward_loss": "neg",
-                "reward_target": None, "stochastic": True, "checkpoint": False}
+    defaults = {"k": hp(1, ge=1, null=True),  # the last K steps trained; None: all
+                "lv_draws": hp(0, ge=0), "lv_reduce": hp("mean", choices=("mean", "sum")),
+                "reward_scale": hp(1.0, gt=0), "reward_loss": hp("neg", choices=PHI_LOSSES),
+                "reward_target": hp(None, type=float), "stochastic": True, "checkpoint": False}
     presets = {
         "draft_1": {"k": 1, "lv_draws": 0,
                     "source": "arXiv 2309.17400 (abstract): DRaFT-K with K = 1, as recalled (paper body not "

@@ -48,6 +48,7 @@ import torch
 
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import (
+    TIMESTEP_RULES,
     clip_advantages,
     group_advantages,
     local_advantages,
@@ -56,6 +57,7 @@ from rsmbench.core.advantages import (
     timestep_mask,
 )
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 # The authors' settings of each branch (a hyperparameter left at None takes these).
@@ -66,12 +68,17 @@ BRANCH = {
              "timestep_rule": "first", "drop_zero_adv": True},  # Flow-GRPO
 }
 KL_FORMS = ("flow_grpo", "gaussian")
+BRANCH_PARAMS = {"adv_std": hp(None, choices=("unbiased", "population"), null=True),
+                 "adv_eps": hp(None, type=float, gt=0), "global_std": hp(None, type=bool),
+                 "kl_form": hp(None, choices=KL_FORMS, null=True),
+                 "timestep_rule": hp(None, choices=TIMESTEP_RULES, null=True), "drop_zero_adv": hp(None, type=bool)}
 
 
 @register
 class GRPO(Method):
     id = "grpo"
     processes = ("diffusion", "flow")
+    published_processes = ("flow",)  # Flow-GRPO on SD3.5-M (arXiv 2505.05470 §5; yifan123/flow_grpo config/grpo.py)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ (β = 0) or (σ/(βΩ))·A·ξ (β > 0), A group-normalised', "gamma": '1',
@@ -82,8 +89,12 @@ class GRPO(Method):
     table1 = "PPO / GRPO / PCPO-base"
     kind_reason = ("θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward, "
                    "closed-form KL (β > 0 anchors on s_ref with β_i = β·Δt_i for Flow-GRPO's KL, β = 0 on s_θ†)")
-    defaults = {"clip_range": 1e-4, "clip_range_gt": None, "beta": 0.0, "adv_clip_max": 5.0,
-                "timestep_fraction": 1.0, **{k: None for k in BRANCH["flow"]}}
+    defaults = {"clip_range": hp(1e-4, gt=0), "clip_range_gt": hp(None, type=float, gt=0), "beta": hp(0.0, ge=0),
+                "adv_clip_max": hp(5.0, gt=0, null=True), "timestep_fraction": hp(1.0, gt=0, le=1),
+                **BRANCH_PARAMS}  # a branch setting left at None takes BRANCH[process]
+    strength = "beta"  # the KL weight; its default 0 needs an explicit grid: 0 (DanceGRPO, Flow-GRPO
+    strength_grid = (0.0, 0.01, 0.04, 0.1)  # compressibility), Flow-GRPO's 0.04 (geneval_sd3), a few-fold around it
+    influence_preset = {"diffusion": "dancegrpo", "flow": "flow_grpo_kl_free"}
     presets = {
         "dancegrpo": {"clip_range": 1e-4, "beta": 0.0, "adv_clip_max": 5.0, "timestep_fraction": 1.0,
                       "adv_std": "unbiased", "adv_eps": 1e-8, "timestep_rule": "shuffled", "drop_zero_adv": False,

@@ -28,8 +28,9 @@ import torch
 
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import RSM_SAMPLER as SAMPLER
-from rsmbench.core.advantages import rsm_sampler_rows
+from rsmbench.core.advantages import RSM_SAMPLER_PARAMS, rsm_sampler_rows
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 
@@ -37,6 +38,7 @@ from rsmbench.core.rsm import RSMSpec, elementwise_mean
 class GRPOGuard(Method):
     id = "grpo_guard"
     processes = ("flow",)
+    published_processes = ("flow",)  # SD3.5-M (arXiv 2510.22319 §5; jaylee2000/rsm sd35_zeroth_order --reweight guard)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": 'c_t/w^b_t (= σ̃/√Δt relative to GRPO)',
@@ -45,7 +47,9 @@ class GRPOGuard(Method):
     paper = "GRPO-Guard: Wang et al. 2025, arXiv 2510.22319, §4.1 (RatioNorm), §4.2 (1/Δt reweighting); digest §8.10"
     table1 = "GRPO-Guard"
     kind_reason = "θ = θ† (normalised ratio 1, its bias term has zero gradient), on-policy rows, same x_t and ξ"
-    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, **{k: None for k in SAMPLER["flow"]}}
+    defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True), **RSM_SAMPLER_PARAMS}
+    strength = "clip_range"  # the RatioNorm PPO clip ε
+    influence_preset = {"flow": "flow_grpo_guard"}
     presets = {
         "flow_grpo_guard": {"clip_range": 1e-4, "adv_clip_max": 5.0, **SAMPLER["flow"],
                             "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss "

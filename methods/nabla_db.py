@@ -47,6 +47,7 @@ from methods.vgg_flow import auxiliary_net
 from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
 from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
 
@@ -59,6 +60,7 @@ def _el(v, like):
 class ResidualNablaDB(Method):
     id = "nabla_db"
     processes = ("diffusion",)
+    published_processes = ("diffusion",)  # SD1.5 (lzzcd001/nabla-gfn@6b74d4c config/default_config.py)
     order = "first"
     kind = "loss"
     table_row = {"psi": '(σ²/Ω)·λ·∇_{x_{t−1}} r(x̂₀(x_{t−1}))', "gamma": "ᾱ_{t−1} ('squared')",
@@ -69,11 +71,14 @@ class ResidualNablaDB(Method):
                    "x' cancels in s̃_θ − s̃_ref; G re-evaluated at the current θ in both")
     approx_reason = ("use_flow_net=True: learned ∇g_φ(x') shifts the forward target (gap ∝ ∇g_φ, "
                      "vanishes as flow_scale → 0); reverse/terminal losses do not reach θ")
-    defaults = {"reward_scale": 1.0, "reward_adaptive_mode": "squared", "reward_adaptive_sigma_scale": 1.0,
-                "pretrained_strength": 1.0,
-                "forward_loss_scale": 1.0, "unet_reg_scale": 1.0, "use_flow_net": False,
-                "reverse_loss_scale": 1.0, "flow_scale": 1.0, "flow_seed": 3000,
-                "timestep_fraction": 1.0, "low_var_subsampling": True, "subsample_seed": 0}
+    defaults = {"reward_scale": hp(1.0, gt=0),
+                "reward_adaptive_mode": hp("squared", choices=("squared", "sqrt", "sigma", "constant")),
+                "reward_adaptive_sigma_scale": hp(1.0, gt=0), "pretrained_strength": hp(1.0, gt=0),
+                "forward_loss_scale": hp(1.0, gt=0), "unet_reg_scale": hp(1.0, ge=0), "use_flow_net": False,
+                "reverse_loss_scale": hp(1.0, ge=0), "flow_scale": hp(1.0, ge=0), "flow_seed": hp(3000, ge=0),
+                "timestep_fraction": hp(1.0, gt=0, le=1), "low_var_subsampling": True, "subsample_seed": hp(0, ge=0)}
+    strength = "reward_scale"  # λ
+    influence_preset = {"diffusion": "sd15_pruned_baseline"}
     presets = {
         "sd15_pruned_baseline": {
             "reward_scale": 5e5, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
@@ -93,12 +98,8 @@ class ResidualNablaDB(Method):
                          "source": "this repo: the unpruned original at toy reward scale, for gap checks"},
     }
 
-    def hparams(self, preset=None, **overrides):
-        hp = super().hparams(preset, **overrides)
-        unpruned = bool(hp["use_flow_net"])
-        self.kind = "approximate" if unpruned else type(self).kind
-        self.kind_reason = self.approx_reason if unpruned else type(self).kind_reason
-        return hp
+    def equivalence_kind(self, hp):
+        return ("approximate", self.approx_reason) if hp["use_flow_net"] else (self.kind, self.kind_reason)
 
     def collect(self, ctx, cond, seeds) -> Batch:
         """DDPM rollout from θ†; the trained steps per sample as the official trainers draw them."""
@@ -193,3 +194,7 @@ class ResidualNablaDB(Method):
                                                     hp.get("reward_adaptive_sigma_scale", 1.0)) / k,
                        c1=hp["forward_loss_scale"] * weights.transition_matching(p, rows, k),
                        c2=torch.full((R,), float(hp["unet_reg_scale"]), dtype=rows.x.dtype), anchor="ref")
+
+    def influence_signal(self, batch, ctx, rows):
+        """∇_{x'} r(x̂₀(x')) at the sampled next state (digest §8.3), as rsm_spec builds it."""
+        return fo.next_state(ctx.policy, ctx.reward, rows, jacobian=True)

@@ -34,8 +34,9 @@ import torch
 
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import RSM_SAMPLER as SAMPLER
-from rsmbench.core.advantages import rsm_sampler_rows
+from rsmbench.core.advantages import RSM_SAMPLER_PARAMS, rsm_sampler_rows
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec
 
 
@@ -43,6 +44,8 @@ from rsmbench.core.rsm import RSMSpec
 class PCPO(Method):
     id = "pcpo"
     processes = ("diffusion", "flow")
+    published_processes = ("diffusion",)  # SD1.5 (arXiv 2509.25774 §5; the RSM repo's sd15_zeroth_order is "adapted
+    # from the PCPO codebase", jaylee2000/rsm sd15_zeroth_order/README.md)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": '1', "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (log-ratio clip)',
@@ -50,8 +53,10 @@ class PCPO(Method):
     paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3 (log-ratio objective); RSM digest §6, §8.5"
     table1 = "PPO / GRPO / PCPO-base"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
-    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "logrho",
-                **{k: None for k in SAMPLER["flow"]}}
+    defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True),
+                "form": hp("logrho", choices=trust.PCPO_FORMS), **RSM_SAMPLER_PARAMS}
+    strength = "clip_range"  # the log-ratio clip ε
+    influence_preset = {"diffusion": "pcpo_base", "flow": "pcpo_base"}
     presets = {
         "pcpo_base": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching", **SAMPLER["diffusion"],
                       "source": "jaylee2000/rsm@e8be3df sd15_zeroth_order/train_grpo.py (noise_matching_precision "

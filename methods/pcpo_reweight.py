@@ -39,8 +39,9 @@ import torch
 
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import RSM_SAMPLER as SAMPLER
-from rsmbench.core.advantages import rsm_sampler_rows
+from rsmbench.core.advantages import RSM_SAMPLER_PARAMS, rsm_sampler_rows
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec
 
 DEFAULT_FORM = {"diffusion": "matching", "flow": "ratio"}
@@ -50,6 +51,7 @@ DEFAULT_FORM = {"diffusion": "matching", "flow": "ratio"}
 class PCPOReweight(Method):
     id = "pcpo_reweight"
     processes = ("diffusion", "flow")
+    published_processes = ("diffusion",)  # PCPO's proportional credit on SD1.5 (arXiv 2509.25774 §4-5)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": '(w/s)/w_t (diffusion), ζΔt/w^b_t (flow)',
@@ -58,9 +60,12 @@ class PCPOReweight(Method):
     paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3-4 (proportional credit); RSM digest §8.6, §8.7"
     table1 = "PCPO-reweight (diffusion) / PCPO-reweight (flow)"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
-    defaults = {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": None, "const_weight": 4.5,
-                "weight_scale_factor": 8.70575076181, "zeta": 4.3152134639895925,
-                **{k: None for k in SAMPLER["flow"]}}
+    defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True),
+                "form": hp(None, choices=trust.PCPO_FORMS, null=True),  # None: DEFAULT_FORM[process]
+                "const_weight": hp(4.5, gt=0), "weight_scale_factor": hp(8.70575076181, gt=0),
+                "zeta": hp(4.3152134639895925, gt=0), **RSM_SAMPLER_PARAMS}
+    strength = "clip_range"  # the log-ratio / matching clip ε
+    influence_preset = {"diffusion": "sd15", "flow": "sd35"}
     presets = {
         "sd15": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching", "const_weight": 4.5,
                  "weight_scale_factor": 8.70575076181, **SAMPLER["diffusion"],

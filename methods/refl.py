@@ -30,8 +30,9 @@ import torch
 
 from rsmbench.core import weights
 from rsmbench.core.diffrollout import draw_truncation, reward_and_grad
-from rsmbench.core.estimators.first import phi_loss, phi_slope, tweedie_pullback
+from rsmbench.core.estimators.first import PHI_LOSSES, check_reward_target, phi_loss, phi_slope, tweedie_pullback
 from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import generators, sample
 from rsmbench.core.rsm import RSMSpec
 
@@ -40,6 +41,7 @@ from rsmbench.core.rsm import RSMSpec
 class ReFL(Method):
     id = "refl"
     processes = ("diffusion",)
+    published_processes = ("diffusion",)  # SD1.4 (arXiv 2304.05977 §4; THUDM/ImageReward ReFL.py)
     order = "first"
     kind = "grad_at_behaviour"
     table_row = {"psi": 'ω·∇_{x_t} r(x̂₀(x_t)) at one random late step (Tweedie, exact output Jacobian)',
@@ -48,8 +50,10 @@ class ReFL(Method):
     paper = "Xu et al. 2023 (ImageReward), arXiv 2304.05977, §4, Algorithm 1 (ReFL)"
     table1 = "not a Table 1 row (digest §8.11)"
     kind_reason = "exact at θ = θ†: same x_j; RSM holds x̂₀ and ∇r(x̂₀) at their behaviour values"
-    defaults = {"window": 10, "step_seed": 0, "reward_scale": 1.0, "reward_loss": "relu_margin",
-                "reward_target": 2.0}
+    defaults = {"window": hp(10, ge=1), "step_seed": hp(0, ge=0), "reward_scale": hp(1.0, gt=0),
+                "reward_loss": hp("relu_margin", choices=PHI_LOSSES), "reward_target": hp(2.0, null=True)}
+    strength = "reward_scale"  # the grad scale
+    influence_preset = {"diffusion": "imagereward"}
     presets = {
         "imagereward": {"window": 10, "reward_scale": 1e-3, "reward_loss": "relu_margin", "reward_target": 2.0,
                         "source": "THUDM/ImageReward@c1392c6 ImageReward/ReFL.py:714-756 (mid_timestep = "
@@ -83,3 +87,9 @@ class ReFL(Method):
         psi = tweedie_pullback(ctx.process, rows, batch.extras["x0_grad"][rows.sample], omega[rows.sample])
         return RSMSpec(rows=rows, psi=psi, gamma=torch.ones(len(rows)), c1=weights.pathwise(rows, 1),
                        c2=torch.zeros(len(rows)), anchor="behaviour")
+
+    def check_hparams(self, hp):
+        check_reward_target(hp)
+
+    def influence_signal(self, batch, ctx, rows):
+        return batch.extras["x0_grad"][rows.sample]  # ∇r at the row's x̂₀ (digest §8.11)

@@ -25,6 +25,7 @@ import torch
 from rsmbench.core import estimators, weights
 from rsmbench.core.advantages import group_advantages
 from rsmbench.core.method import Method, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec
 
 
@@ -32,6 +33,7 @@ from rsmbench.core.rsm import RSMSpec
 class ReinforceKL(Method):
     id = "reinforce_kl"
     processes = ("diffusion", "flow")
+    published_processes = ("diffusion",)  # DPOK's REINFORCE + KL on SD1.5 (arXiv 2305.16381 §5)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/(βΩ))·A·ξ, A = r − mean', "gamma": '1', "c1": 'β·Ω²/(2σ²)', "c2": '0',
@@ -39,7 +41,11 @@ class ReinforceKL(Method):
     paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); RSM digest §8.4"
     table1 = "REINFORCE + KL reg"
     kind_reason = "on-policy, closed-form per-step KL, terminal reward, same x_t and ξ in both losses"
-    defaults = {"beta": 0.01, "reward_weight": 1.0, "normalize_advantage": False, "baseline": "mean"}
+    defaults = {"beta": hp(0.01, gt=0),  # > 0: Ψ̂ ∝ 1/β (KL-free: grpo with beta 0)
+                "reward_weight": hp(1.0, gt=0), "normalize_advantage": False,
+                "baseline": hp("mean", choices=("mean", "none"))}
+    strength = "beta"  # the KL weight
+    influence_preset = {"diffusion": "dpok", "flow": "dpok"}
     presets = {
         "dpok": {"beta": 0.01, "reward_weight": 10.0, "normalize_advantage": False,
                  "source": "google-research/google-research dpok/README.md@83282e4 (--reward_weight 10 "

@@ -45,8 +45,9 @@ import torch
 from rsmbench.core import weights
 from rsmbench.core.diffrollout import reward_and_grad
 from rsmbench.core.estimators.first import stein_shift, terminal_velocity_shift
-from rsmbench.core.gradclip import make_clipper
+from rsmbench.core.gradclip import ClippedRewardGradient
 from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import generators, sample
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
@@ -56,9 +57,12 @@ def _el(v, like):
 
 
 @register
-class RSMFirstOrder(Method):
+class RSMFirstOrder(ClippedRewardGradient, Method):
     id = "rsm_fo"
     processes = ("diffusion", "flow")
+    # the paper's first-order experiments are on both: SD1.5 (digest §9.1, jaylee2000/rsm@e8be3df
+    # sd15_first_order) and SD3.5-M (§9.2, sd35_first_order)
+    published_processes = ("diffusion", "flow")
     order = "first"
     kind = "loss"
     table_row = {"psi": 'λ·∇_{x_0} r(x_0) of the same rollout (no network Jacobian)',
@@ -67,9 +71,14 @@ class RSMFirstOrder(Method):
     paper = "RSM, arXiv 2604.17415, Fig. 5; digest §9.1 (use_z0) and §9.2 (use_saved_rgrad_x1)"
     table1 = "not a Table 1 row (digest §9.1, §9.2: redesigns of Residual ∇-DB‡ and VGG-Flow‡)"
     kind_reason = "loss identity for all θ: the terminal gradient is cached at sampling time"
-    defaults = {"reward_scale": 1.0, "forward_loss_scale": 1.0, "unet_reg_scale": None, "eta_mode": "linear",
-                "clip": "quantile", "clip_quantile": 0.8, "clip_threshold": None,
-                "timestep_fraction": 1.0, "low_var_subsampling": True, "subsample_seed": 0}
+    defaults = {"reward_scale": hp(1.0, gt=0), "forward_loss_scale": hp(1.0, gt=0),
+                "unet_reg_scale": hp(None, type=float, ge=0),  # None: the process's "Ours" value
+                "eta_mode": hp("linear", choices=("linear", "quad")),
+                "clip": hp("quantile", choices=("quantile", "fixed", "none"), null=True),
+                "clip_quantile": hp(0.8, ge=0, le=1), "clip_threshold": hp(None, type=float, gt=0),
+                "timestep_fraction": hp(1.0, gt=0, le=1), "low_var_subsampling": True, "subsample_seed": hp(0, ge=0)}
+    strength = "reward_scale"  # λ
+    influence_preset = {"diffusion": "sd15_ours", "flow": "sd35_ours"}
     UNET_REG_OURS = {"diffusion": 100.0, "flow": 0.0}  # the "Ours" configs' unet_reg_scale per process
     presets = {
         "sd15_ours": {"reward_scale": 5e5, "forward_loss_scale": 1.0, "unet_reg_scale": 100.0,
@@ -85,16 +94,6 @@ class RSMFirstOrder(Method):
                                 "use_saved_rgrad_x1, unet_reg_scale 0, timestep_fraction 1"},
     }
 
-    def clipper(self, ctx):
-        if getattr(self, "_clipper", None) is None:
-            self._clipper = make_clipper(ctx.hp["clip"], ctx.hp.get("clip_threshold"), ctx.hp["clip_quantile"])
-        return self._clipper
-
-    def on_optimizer_step(self):
-        """VGG-Flow's adaptive threshold update (flow setting; call after each optimizer step)."""
-        if getattr(self, "_clipper", None) is not None:
-            self._clipper.step()
-
     def collect(self, ctx, cond, seeds) -> Batch:
         """Diffusion: DDPM (SDE) rollout; flow: Euler ODE rollout. ∇_{x_0} r cached once per trajectory."""
         N = ctx.process.num_steps
@@ -102,7 +101,7 @@ class RSMFirstOrder(Method):
         ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond, stochastic=sto, dtype=_dtype(ctx))
         r, g = reward_and_grad(ctx.reward, ro.final, cond)
         if ctx.process.kind == "flow":
-            self.clipper(ctx).reset()  # τ reset at each sampling phase (VGG-Flow code)
+            self.reset_clipper(ctx.hp)  # τ reset at each sampling phase (VGG-Flow code)
         rows = weights.subsampled_rows(ro.transitions(only_stochastic=False), ctx.process, ctx.hp, seeds[0])
         return Batch(rollout=ro, rows=rows, rewards=r, cond=cond, extras={"terminal_grad": g})
 
@@ -111,11 +110,15 @@ class RSMFirstOrder(Method):
         v = ctx.hp.get("unet_reg_scale")
         return self.UNET_REG_OURS[ctx.process.kind] if v is None else float(v)
 
-    def _G(self, batch, ctx):
+    def _G(self, batch, ctx, rows=None):
+        """The terminal ∇_{x_0} r of each row's trajectory (clipped in the flow setting)."""
         g = batch.extras["terminal_grad"]
         if ctx.process.kind == "flow":
-            g = self.clipper(ctx)(g)
-        return g[batch.rows.sample]
+            g = self.clipper(ctx.hp)(g)
+        return g[(batch.rows if rows is None else rows).sample]
+
+    def influence_signal(self, batch, ctx, rows):
+        return self._G(batch, ctx, rows)  # the (clipped, flow) terminal gradient, digest §9.1–9.2
 
     # -- original -----------------------------------------------------------------------------------
     def original_loss(self, batch, ctx):

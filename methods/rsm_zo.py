@@ -45,8 +45,10 @@ import torch
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import nonzero_advantage_mask
 from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
-from rsmbench.core.tree import cat_rows, kl_anchor_rows, localised_tree, node_advantages, to_batch
+from rsmbench.core.tree import GROUP_STRATEGIES, cat_rows, kl_anchor_rows, localised_tree, node_advantages, to_batch
+from rsmbench.errors import TaskError
 
 # Per-process settings where the two redesigns differ (hp value None → this table). Flow's anchor
 # coefficient is β·k_avg (train_sd3_pr.py:1866-1882): ``anchor_beta`` None there means β.
@@ -60,6 +62,9 @@ PROCESS_DEFAULTS = {
 class RSMZeroOrder(Method):
     id = "rsm_zo"
     processes = ("diffusion", "flow")
+    # the paper's zeroth-order redesigns run on both: SD1.5 (digest §9.3, jaylee2000/rsm@e8be3df
+    # sd15_zeroth_order) and SD3.5-M (§9.4, sd35_zeroth_order)
+    published_processes = ("diffusion", "flow")
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ on branch steps of a deterministic root',
@@ -71,10 +76,20 @@ class RSMZeroOrder(Method):
     table1 = "not a Table 1 row (the paper's zeroth-order redesigns, digest §9.3, §9.4)"
     kind_reason = ("θ = θ† (matching / fair clip inactive), same x_t and ξ; KL anchors and branch-row KL are "
                    "loss identities")
-    defaults = {"k": [3, 2, 3, 2], "clip_range": 1e-4, "adv_clip_max": 5.0, "adv_eps": 1e-4,
-                "const_weight": 4.5, "weight_scale": 8.70575076181, "beta": None, "anchor_beta": None,
-                "use_ode_kl_anchor": True, "anchor_ratio": None, "heuristic_kldenom": False,
-                "group_strategy": None, "mask_zero": True}
+    # None: the process's PROCESS_DEFAULTS value
+    defaults = {"k": hp([3, 2, 3, 2], items=hp(0, ge=0)), "clip_range": hp(1e-4, gt=0),
+                "adv_clip_max": hp(5.0, gt=0, null=True), "adv_eps": hp(1e-4, gt=0),
+                "const_weight": hp(4.5, gt=0, null=True),  # None: the DDPM w_t
+                "weight_scale": hp(8.70575076181, gt=0), "beta": hp(None, type=float, ge=0),
+                "anchor_beta": hp(None, type=float, ge=0), "use_ode_kl_anchor": True,
+                "anchor_ratio": hp(None, type=float, ge=0, le=1, extra=("all",)), "heuristic_kldenom": False,
+                "group_strategy": hp(None, choices=GROUP_STRATEGIES, null=True), "mask_zero": True}
+    strength = "clip_range"  # the matching / fair clip ε (β differs per process: PROCESS_DEFAULTS)
+    influence_preset = {"diffusion": "sd15_ours", "flow": "sd35_lowsnr2"}
+
+    def check_hparams(self, hp):
+        if not any(int(v) > 0 for v in hp["k"]):
+            raise TaskError(f"k must branch at some step (an entry > 0), got {hp['k']}")
     presets = {
         "sd15_ours": {"k": [4 if i % 10 == 0 else 0 for i in range(50)], "const_weight": 4.5,
                       "weight_scale": 8.70575076181, "beta": 0.0, "anchor_beta": 8e-5, "anchor_ratio": 0.10,

@@ -58,6 +58,7 @@ import torch
 from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
 from rsmbench.core.method import Batch, Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import Transitions, generators, sample
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
@@ -70,6 +71,7 @@ def _el(v, like):
 class SQDF(Method):
     id = "sqdf"
     processes = ("diffusion",)
+    published_processes = ("diffusion",)  # SD1.5 (arXiv 2512.04559; Shin-woocheol/SQDF T2I/aesthetic.sh)
     order = "first"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ²/Ω)·(D/(2α))·∇r(x̂₀(Φ_k(x_{t−1}))), k-step lookahead', "gamma": 'γ_d^(N−1−i)',
@@ -79,9 +81,12 @@ class SQDF(Method):
     table1 = "SQDF"
     kind_reason = ("θ = θ†, on the row's ξ: the reparameterised next state equals the behaviour's, the "
                    "reward mask is piecewise constant, and the per-element-mean KL makes Ψ̂ carry the factor D")
-    defaults = {"alpha": 0.01, "gamma_d": 0.9, "lookahead_steps": 2, "reward_mask": False,
-                "use_buffer": False, "buffer_size": 1024, "replay_ratio": 1, "buffer_seed": 0,
-                "steps_per_trajectory": None}
+    defaults = {"alpha": hp(0.01, gt=0), "gamma_d": hp(0.9, gt=0, le=1), "lookahead_steps": hp(2, ge=0),
+                "reward_mask": False, "use_buffer": False, "buffer_size": hp(1024, ge=1),
+                "replay_ratio": hp(1, choices=(1,)),  # only 1 is offered (one buffer draw per collected batch)
+                "buffer_seed": hp(0, ge=0), "steps_per_trajectory": hp(None, type=int, ge=1)}
+    strength = "alpha"  # the KL weight α
+    influence_preset = {"diffusion": "sqdf_t2i"}
     presets = {
         "sqdf_t2i": {"alpha": 0.01, "gamma_d": 0.9, "lookahead_steps": 2, "reward_mask": True, "use_buffer": False,
                      "source": "Shin-woocheol/SQDF@68861b2 T2I/config/alignprop_config.py:129-130,156 (sqdf_gamma "
@@ -218,3 +223,7 @@ class SQDF(Method):
         return RSMSpec(rows=rows, psi=fo.stein_shift(p, rows, G, D / (2 * hp["alpha"])),
                        gamma=weights.discount(p, rows, hp["gamma_d"]), c1=c1,
                        c2=torch.zeros(R, dtype=rows.x.dtype), anchor="ref")
+
+    def influence_signal(self, batch, ctx, rows):
+        """k-step lookahead of the reference from the next state (digest §8.2); x' = μ_θ† + σξ = rows.x_next."""
+        return fo.lookahead(ctx.ref, ctx.reward, rows.x_next, rows.step + 1, rows.cond, k=ctx.hp["lookahead_steps"])

@@ -39,14 +39,16 @@ import torch
 from rsmbench.core import estimators, trust, weights
 from rsmbench.core.advantages import nonzero_advantage_mask
 from rsmbench.core.method import Method, _dtype, register
+from rsmbench.core.params import hp
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
-from rsmbench.core.tree import localised_tree, node_advantages, to_batch
+from rsmbench.core.tree import GROUP_STRATEGIES, localised_tree, node_advantages, to_batch
 
 
 @register
 class TempFlowGRPO(Method):
     id = "tempflow_grpo"
     processes = ("flow",)
+    published_processes = ("flow",)  # SD3.5-M / FLUX.1-dev (arXiv 2508.04324 §5; Shredded-Pork/TempFlow-GRPO README)
     order = "zeroth"
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ, one SDE step + ODE continuation, seed groups',
@@ -56,9 +58,13 @@ class TempFlowGRPO(Method):
              "weighting); Flow-GRPO SDE: arXiv 2505.05470, Eq. 9; RSM digest §8.9")
     table1 = "TempFlow-GRPO"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), same x_t and ξ, terminal reward per branch leaf"
-    defaults = {"k": [2, 2, 2, 2, 2, 2, 2], "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.0,
-                "heuristic_kldenom": True, "adv_clip_max": 5.0, "adv_eps": 1e-4, "group_strategy": "seed",
-                "mask_zero": True}
+    defaults = {"k": hp([2, 2, 2, 2, 2, 2, 2], items=hp(0, ge=0)), "noise_scale": hp(2.25, gt=0),
+                "clip_range": hp(1e-4, gt=0), "beta": hp(0.0, ge=0), "heuristic_kldenom": True,
+                "adv_clip_max": hp(5.0, gt=0, null=True), "adv_eps": hp(1e-4, gt=0),
+                "group_strategy": hp("seed", choices=GROUP_STRATEGIES), "mask_zero": True}
+    strength = "beta"  # the KL weight; default 0: the RSM repo's presets use 0.01 (rsm_base) and
+    strength_grid = (0.0, 0.004, 0.01, 0.04)  # 0.004 (geneval), with one step beyond
+    influence_preset = {"flow": "rsm_base"}
     presets = {
         "rsm_base": {"k": [6] * 9, "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.01, "heuristic_kldenom": True,
                      "adv_clip_max": 5.0, "group_strategy": "seed",

@@ -45,9 +45,10 @@ from torch import nn
 
 from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
-from rsmbench.core.gradclip import make_clipper
+from rsmbench.core.gradclip import ClippedRewardGradient
 from rsmbench.core.method import Batch, Method, _dtype, register
 from rsmbench.core.models import TimeMLP, TinyUNet, build_net
+from rsmbench.core.params import hp
 from rsmbench.core.rollout import generators, sample
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
 
@@ -96,9 +97,10 @@ def _el(v, like):
 
 
 @register
-class VGGFlow(Method):
+class VGGFlow(ClippedRewardGradient, Method):
     id = "vgg_flow"
     processes = ("flow",)
+    published_processes = ("flow",)  # flow matching models only (arXiv 2512.05116: SD3, §5)
     order = "first"
     kind = "loss"
     table_row = {"psi": 'λ·∇r(x̂₀), x̂₀ = x_t − σ·sg(v_θ) (identity Jacobian)', "gamma": '((1−σ)/σ)·(1−σ)²',
@@ -109,10 +111,15 @@ class VGGFlow(Method):
                    "g re-evaluated at the current θ in both formulations")
     approx_reason = ("use_value_net=True: learned ν_φ shifts the target (gap ∝ ν_φ, vanishes as "
                      "value_scale → 0); consistency/terminal losses do not reach θ")
-    defaults = {"reward_scale": 1.0, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
-                "clip_quantile": 0.8, "clip_threshold": None, "use_value_net": False, "coeff_terminal": 1000.0,
-                "value_scale": 1.0, "value_seed": 2000,
-                "timestep_fraction": 1.0, "low_var_subsampling": True, "subsample_seed": 0, "min_train_step": 0}
+    defaults = {"reward_scale": hp(1.0, gt=0), "eta_mode": hp("quad", choices=("quad", "linear")),
+                "unet_reg_scale": hp(0.0, ge=0),
+                "clip": hp("quantile", choices=("quantile", "fixed", "none"), null=True),
+                "clip_quantile": hp(0.8, ge=0, le=1), "clip_threshold": hp(None, type=float, gt=0),
+                "use_value_net": False, "coeff_terminal": hp(1000.0, ge=0), "value_scale": hp(1.0, ge=0),
+                "value_seed": hp(2000, ge=0), "timestep_fraction": hp(1.0, gt=0, le=1), "low_var_subsampling": True,
+                "subsample_seed": hp(0, ge=0), "min_train_step": hp(0, ge=0)}
+    strength = "reward_scale"  # λ
+    influence_preset = {"flow": "sd35_baseline"}
     presets = {
         "sd35_baseline": {"reward_scale": 3e7, "eta_mode": "quad", "unet_reg_scale": 0.0, "clip": "quantile",
                           "use_value_net": False, "timestep_fraction": 1.0,
@@ -144,24 +151,10 @@ class VGGFlow(Method):
     }
 
     # -- configuration-dependent kind -------------------------------------------------------------
-    def hparams(self, preset=None, **overrides):
-        hp = super().hparams(preset, **overrides)
-        unpruned = bool(hp["use_value_net"])
-        self.kind = "approximate" if unpruned else type(self).kind
-        self.kind_reason = self.approx_reason if unpruned else type(self).kind_reason
-        return hp
+    def equivalence_kind(self, hp):
+        return ("approximate", self.approx_reason) if hp["use_value_net"] else (self.kind, self.kind_reason)
 
-    # -- state: the reward-gradient clipper and the value network ----------------------------------
-    def clipper(self, ctx):
-        if getattr(self, "_clipper", None) is None:
-            self._clipper = make_clipper(ctx.hp["clip"], ctx.hp.get("clip_threshold"), ctx.hp["clip_quantile"])
-        return self._clipper
-
-    def on_optimizer_step(self):
-        """VGG-Flow's threshold update (call after each optimizer step)."""
-        if getattr(self, "_clipper", None) is not None:
-            self._clipper.step()
-
+    # -- state: the reward-gradient clipper (ClippedRewardGradient) and the value network -----------
     def value_net(self, ctx):
         if getattr(self, "_value", None) is None:
             self._value = auxiliary_net(ctx.policy.net, ctx.hp["value_seed"], _dtype(ctx), ctx.hp["value_scale"])
@@ -173,7 +166,7 @@ class VGGFlow(Method):
         N = ctx.process.num_steps
         ro = sample(ctx.behaviour, ctx.shape, generators(seeds), cond=cond,
                     stochastic=torch.zeros(N, dtype=torch.bool), dtype=_dtype(ctx))
-        self.clipper(ctx).reset()  # the code resets τ to 1.0 at every epoch's sampling phase
+        self.reset_clipper(ctx.hp)  # the code resets τ to 1.0 at every epoch's sampling phase
         rows = weights.subsampled_rows(ro.transitions(only_stochastic=False), ctx.process, ctx.hp, seeds[0],
                                        int(ctx.hp.get("min_train_step", 0)))
         return Batch(rollout=ro, rows=rows, rewards=ctx.reward(ro.final, cond), cond=cond)
@@ -190,7 +183,7 @@ class VGGFlow(Method):
 
     def original_loss(self, batch, ctx):
         rows, p, hp = batch.rows, ctx.process, ctx.hp
-        lam, clipper = hp["reward_scale"], self.clipper(ctx)
+        lam, clipper = hp["reward_scale"], self.clipper(hp)
         sigma = p.t[rows.step].to(rows.x.dtype)
         eta = lambda s: (1 - s) ** 2 if hp["eta_mode"] == "quad" else (1 - s)  # noqa: E731
         v = ctx.policy(rows.x, rows.step, rows.cond)
@@ -213,7 +206,7 @@ class VGGFlow(Method):
         """The code's finite-difference HJB residual (algorithm.py ``compute_value_consistency_loss``)."""
         p, lam, x, cond = ctx.process, ctx.hp["reward_scale"], rows.x, rows.cond
         T = p.scheduler.config.num_train_timesteps
-        clipper = self.clipper(ctx)
+        clipper = self.clipper(ctx.hp)
         clip = lambda z: clipper(z, record=False)  # noqa: E731  same τ; only the main g feeds the quantile
         value = self.value_net(ctx)
         t = p.model_t[rows.step].to(x.dtype)
@@ -240,10 +233,15 @@ class VGGFlow(Method):
     def rsm_spec(self, batch, ctx):
         rows, hp = batch.rows, ctx.hp
         G = fo.current_state(ctx.policy, ctx.reward, rows.x, rows.step, rows.cond, jacobian=False)
-        G = self.clipper(ctx)(G)
+        G = self.clipper(hp)(G)
         R = len(rows)
         # Ψ̂/a = −λ·G (Ψ̂ = ((1−σ)/σ)·λ·G in score units, a = −(1−σ)/σ); γ = η(σ)
         return RSMSpec(rows=rows, psi=-hp["reward_scale"] * G,
                        gamma=weights.vgg_eta(ctx.process, rows, hp["eta_mode"]),
                        c1=torch.ones(R, dtype=rows.x.dtype),
                        c2=torch.full((R,), float(hp["unet_reg_scale"]), dtype=rows.x.dtype), anchor="ref")
+
+    def influence_signal(self, batch, ctx, rows):
+        """The clipped current-state gradient through the detached velocity (digest §8.1), as rsm_spec."""
+        return self.clipper(ctx.hp)(fo.current_state(ctx.policy, ctx.reward, rows.x, rows.step, rows.cond,
+                                                     jacobian=False))

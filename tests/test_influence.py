@@ -97,7 +97,7 @@ def test_diffusion_first_order_nabla_db_and_ours():
     The digest prints κ without the presets' constant factors; they are divided out here. κ is per row:
     the presets' timestep subsampling (which steps are trained) is switched off to read every step."""
     m = registry.get("nabla_db")
-    hp = m.hparams(influence.PRESETS["diffusion"]["nabla_db"])
+    hp = m.hparams(m.influence_preset["diffusion"])
     df = influence.kappa_profile("nabla_db", "diffusion", hp={"timestep_fraction": 1.0})
     scale = 2 * hp["forward_loss_scale"] * hp["pretrained_strength"] * hp["reward_scale"]
     got = _at(df, DIFF_T).kappa / scale

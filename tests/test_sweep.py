@@ -16,7 +16,7 @@ def _write(tmp_path, body: str):
 
 
 def test_dry_run_expands_product_and_rejects_invalid_points(tmp_path, capsys):
-    p = _write(tmp_path, f"""
+    body = f"""
         name: t
         tasks: [gmm, compressibility]
         seeds: [0, 1, 2]
@@ -28,8 +28,9 @@ def test_dry_run_expands_product_and_rejects_invalid_points(tmp_path, capsys):
             two: {{method: grpo, hp: {{beta: 0.0}}}}
           temporal:
             own: {{}}
-            bad: {{hp: {{temporal: nonsense}}}}
-    """)
+            snr: {{hp: {{temporal: snr}}}}
+    """
+    p = _write(tmp_path, body)
     pts = sweep.expand(sweep.load(p))
     # 2 tasks × 3 estimator levels × 2 temporal levels × 3 seeds × (processes the method and task share)
     procs = {"gmm": 2, "compressibility": 2}
@@ -37,12 +38,16 @@ def test_dry_run_expands_product_and_rejects_invalid_points(tmp_path, capsys):
     reasons = {(pt.task, pt.method, pt.levels["temporal"]): pt.skip for pt in pts}
     assert "not differentiable" in reasons[("compressibility", "rsm_fo", "own")]
     assert reasons[("gmm", "rsm_fo", "own")] == ""
-    assert "unknown temporal profile" in reasons[("gmm", "reinforce_kl", "bad")]
     assert main(["sweep", str(p), "--dry-run"]) == 0
     out = capsys.readouterr().out
     valid = sum(not pt.skip for pt in pts)
     assert f"{valid} runs to do ({len(pts) - valid} skipped)" in out
     assert f"estimated budget {64 * valid} reward queries" in out
+    # a value outside a hyperparameter's declared choices is the file's error, not a skipped point
+    bad = _write(tmp_path, body.replace("temporal: snr", "temporal: nonsense"))
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "[est=fo,temporal=snr] hp.temporal must be one of 'own'" in err and len(err.splitlines()) == 1, err
 
 
 def test_malformed_sweep_is_one_line_exit_2(tmp_path, capsys):

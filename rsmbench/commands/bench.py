@@ -60,10 +60,15 @@ def default_specs(cfg, args) -> list[dict]:
     formulation, tuned), with this call's overrides and profile: the rows the summary always covers."""
     default = Namespace(task=args.task, profile=args.profile, methods="all", formulation=None, seeds=None,
                         budget=None, untuned=False, overrides=args.overrides)
-    return bench.plan(default, check=False)[1]  # only to find the default rows: no budget check
+    try:
+        return bench.plan(default, check=False)[1]  # only to find the default rows: no budget check
+    except UserError:  # a default row these overrides make unrunnable is not this call's to report
+        return []
 
 
 def run(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
     dist = distributed.make()  # N processes under accelerate launch / torchrun, else one
     t0 = time.time()
     cfg, specs = bench.plan(args)
@@ -74,8 +79,6 @@ def run(args) -> int:
     if not specs:
         raise UserError(f"no method applies to task {cfg.name!r}")
     workers = args.workers if args.workers is not None else (2 if cfg.profile == "tiny" and dist.world == 1 else 1)
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // max(dist.world, workers)))
     log(f"bench {cfg.name}: {len(specs)} runs ({len({s['method'] for s in specs})} methods), budget "
         f"{specs[0]['budget']['reward_queries']} reward queries each"

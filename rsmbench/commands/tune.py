@@ -13,7 +13,7 @@ import torch
 
 from rsmbench.core import method as registry
 from rsmbench.errors import UserError
-from rsmbench.run import bench, budget, tasks, tracking, tuning
+from rsmbench.run import bench, tasks, tracking, tuning
 from rsmbench.run.runspec import config_hash, run_spec
 from rsmbench.run.setup import shared_reward
 
@@ -62,6 +62,8 @@ def plan(args):
     n_seeds = args.seeds if args.seeds is not None else int((cfg.get("tune") or {}).get("seeds", 1))
     if n_seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {n_seeds}")
+    if getattr(args, "workers", 1) < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
     seeds = [tuning.SEED_OFFSET + k for k in range(n_seeds)]
     lrs, factors = _floats(args.lr_grid, "lr-grid"), _floats(args.strength_grid, "strength-grid")
     form = str(cfg.bench.get("formulation", "original"))
@@ -72,7 +74,7 @@ def plan(args):
                 where += [(f"{i}/{k}", point)] * len(seeds)
                 specs += [run_spec(cfg, i, form, k, s, None, point) for s in seeds]
     grid: dict = {}
-    for (key, point), spec in zip(where, budget.plan(specs)):  # matched budgets, as in the bench
+    for (key, point), spec in zip(where, bench.planned(specs)):  # matched budgets, as in the bench
         pts = grid.setdefault(key, [])
         if not pts or pts[-1][0] is not point:
             pts.append((point, []))

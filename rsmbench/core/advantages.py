@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from rsmbench.core.models import timestep_embedding
+from rsmbench.core.params import hp
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor | None = None, normalize: bool = True,
@@ -156,6 +157,11 @@ RSM_SAMPLER = {
     "flow": {"adv_eps": 1e-4, "global_std": True, "timestep_fraction": 0.99, "timestep_rule": "first",
              "drop_zero_adv": True},
 }
+# The hyperparameters of a method that samples as these do: None takes the process's RSM_SAMPLER value.
+RSM_SAMPLER_PARAMS = {"adv_eps": hp(None, type=float, gt=0), "global_std": hp(None, type=bool),
+                      "timestep_fraction": hp(None, type=float, gt=0, le=1),
+                      "timestep_rule": hp(None, choices=TIMESTEP_RULES, null=True),
+                      "drop_zero_adv": hp(None, type=bool)}
 
 
 def rsm_sampler_rows(batch, ctx, setting) -> torch.Tensor:

@@ -46,7 +46,13 @@ def _sidecar(path: Path, task: str | None) -> dict:
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
         raise CheckpointError(f"missing base checkpoint {path} (or its .json); {fix}")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"unreadable checkpoint sidecar {meta_path} ({e}); {fix}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"checkpoint sidecar {meta_path} holds no config; {fix}")
+    return meta
 
 
 def checkpoint_sha256(path, task: str | None = None) -> str:

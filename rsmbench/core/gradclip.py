@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from rsmbench.errors import TaskError
+
 
 def sample_norms(g: torch.Tensor) -> torch.Tensor:
     """‖g_b‖₂ over every non-batch dimension, per sample."""
@@ -43,6 +45,12 @@ class FixedClip:
 
     def step(self) -> float | None:
         return self.threshold
+
+    def state_dict(self) -> dict:
+        return {}  # the threshold is a hyperparameter
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class QuantileClip:
@@ -76,6 +84,14 @@ class QuantileClip:
             self._norms.clear()
         return self.threshold
 
+    def state_dict(self) -> dict:
+        """τ and the norms recorded since the last step (tensors and floats: weights-only loadable)."""
+        return {"threshold": float(self.threshold), "norms": [n.clone() for n in self._norms]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold = float(state["threshold"])
+        self._norms = list(state.get("norms", []))
+
 
 def make_clipper(mode: str | None, threshold: float | None = None, quantile: float = 0.8):
     """'quantile' (VGG-Flow), 'fixed' (needs threshold) or None / 'none' (identity)."""
@@ -88,3 +104,42 @@ def make_clipper(mode: str | None, threshold: float | None = None, quantile: flo
     if mode == "quantile":
         return QuantileClip(quantile, 1.0 if threshold is None else threshold)
     raise ValueError(f"unknown clipping mode {mode!r}; choose 'quantile', 'fixed' or 'none'")
+
+
+class ClippedRewardGradient:
+    """Mixin of the methods that clip their reward gradient per sample with a stateful clipper (RSM-FO's
+    flow setting, VGG-Flow): the clipper's lifecycle, declared once. It is built from the hyperparameters
+    ``clip``, ``clip_threshold`` and ``clip_quantile`` on first use (``clipper(hp)``), reset at every
+    collection (``reset_clipper``: the VGG-Flow code resets τ at each sampling phase), stepped after
+    every optimizer step (``on_optimizer_step``, called by the training loop), and saved with the
+    method's state (``state_dict``), so that a resumed run continues with the same τ."""
+
+    _clipper = None
+    _clipper_state = None  # restored state, applied when the clipper is built
+
+    def clipper(self, hp: dict):
+        if self._clipper is None:
+            self._clipper = make_clipper(hp["clip"], hp.get("clip_threshold"), hp["clip_quantile"])
+            if self._clipper_state:
+                self._clipper.load_state_dict(self._clipper_state)
+        return self._clipper
+
+    def check_hparams(self, hp: dict) -> None:
+        if hp.get("clip") == "fixed" and hp.get("clip_threshold") is None:
+            raise TaskError("clip 'fixed' needs clip_threshold (a number > 0)")
+        super().check_hparams(hp)
+
+    def reset_clipper(self, hp: dict) -> None:
+        self.clipper(hp).reset()
+
+    def on_optimizer_step(self) -> None:
+        if self._clipper is not None:
+            self._clipper.step()
+
+    def state_dict(self) -> dict:
+        return {} if self._clipper is None else {"clipper": self._clipper.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._clipper_state = state.get("clipper")
+        if self._clipper is not None and self._clipper_state:
+            self._clipper.load_state_dict(self._clipper_state)

@@ -158,6 +158,10 @@ class DiffusionProcess(Process):
         cfg = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                    beta_start=0.00085, beta_end=0.012)  # SD1.5 defaults
         cfg.update(scheduler or {})
+        for key in ("set_alpha_to_one", "clip_sample"):  # the grid below assumes both off: never force them
+            if cfg.get(key):
+                raise ValueError(f"scheduler.{key}: true is not supported (the last step clamps t' at 0, "
+                                 "ᾱ_{t'} = ᾱ_0, so that it keeps σ > 0; x̂₀ is never clipped)")
         cfg.update(steps_offset=cfg.get("steps_offset", 1), set_alpha_to_one=False, clip_sample=False)
         self.scheduler = DDIMScheduler(**cfg)
         self.scheduler.set_timesteps(num_steps)

@@ -65,6 +65,9 @@ def ppo_stats(log_ratio: torch.Tensor, clip_range: float, clip_range_gt: float |
             "approx_kl": approx_kl(plr).item()}
 
 
+PCPO_FORMS = ("ratio", "logrho", "matching")
+
+
 def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.Tensor, form: str = "logrho",
               clip_range: float = 1e-4):
     """Per-row PCPO objective (Lee & Ye, arXiv 2509.25774) with per-row credit κ in place of the

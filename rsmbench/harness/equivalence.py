@@ -28,6 +28,7 @@ import yaml
 from rsmbench.core import method as registry
 from rsmbench.core.method import Context
 from rsmbench.core.models import Policy, build_net, frozen_copy
+from rsmbench.core.params import did_you_mean
 from rsmbench.core.process import make_process
 from rsmbench.core.rsm import rsm_loss
 from rsmbench.errors import UserError
@@ -123,13 +124,13 @@ def check(method_id: str, process_kind: str, dtype: str = "float64", seed: int =
     g_o, g_r, l_o, l_r = both_gradients(m, batch, ctx, perturb)
     res = compare(g_o, g_r)
     passed = res["max_rel_err"] <= TOL[dtype] and math.isfinite(res["max_rel_err"])
-    rec = Record(method=method_id, process=process_kind, kind=m.kind, dtype=dtype, passed=passed,
-                 reason=m.kind_reason, **res)
-    if m.kind == "loss":
+    kind, reason = m.equivalence_kind(ctx.hp)  # of this configuration (e.g. VGG-Flow with its value net)
+    rec = Record(method=method_id, process=process_kind, kind=kind, dtype=dtype, passed=passed, reason=reason, **res)
+    if kind == "loss":
         rec.loss_rel_err = _loss_gap(m, batch, ctx, perturb, l_o, l_r)
         rec.passed = rec.passed and rec.loss_rel_err <= TOL[dtype]
     rec.offpolicy = _offpolicy_series(m, batch, ctx, perturb, offpolicy_steps, lr)
-    if m.kind not in EXACT:
+    if kind not in EXACT:
         rec.passed = True  # approximate rows report their gap; they cannot fail the run
     return rec
 
@@ -201,9 +202,11 @@ def add_parser(sub):
     p.add_argument("--process", choices=["diffusion", "flow", "all"], default="all")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--json", dest="json_path", default=None, help="write the records to this JSON file")
-    p.add_argument("--preset", default=None, help="check each method at this published preset")
+    p.add_argument("--preset", default=None,
+                   help="check each method at this published preset (without --methods: the methods that have it)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="method hyperparameter override (YAML value), repeatable, e.g. --hp use_value_net=true")
+                   help="method hyperparameter override (YAML value), repeatable, e.g. --hp use_value_net=true; "
+                        "without --methods, the methods that declare every given name")
     p.set_defaults(run=_run)
 
 
@@ -224,15 +227,40 @@ def _hp_overrides(items) -> dict:
     return hp
 
 
+def selected(method_ids, hp: dict, preset: str | None) -> list[str]:
+    """The methods to check, every one's hyperparameters validated first (one-line ``TaskError``s).
+    Without --methods, --hp and --preset select the methods that declare every given name / the preset."""
+    reg = registry.load_all()
+    if method_ids:
+        for mid in method_ids:
+            if mid not in reg:
+                raise UserError(f"unknown method {mid!r}{did_you_mean(mid, reg)}; choose from {', '.join(sorted(reg))}")
+        ids = list(method_ids)
+    else:
+        known = set(registry.COMMON).union(*(m.params for m in reg.values()))
+        for key in hp:
+            if key not in known:
+                raise UserError(f"rsmbench equiv: --hp {key}: no method has this hyperparameter"
+                                f"{did_you_mean(key, known)}")
+        ids = [i for i in sorted(reg) if set(hp) <= set(registry.COMMON) | set(reg[i].params)
+               and (preset is None or preset in reg[i].presets)]
+        if not ids:
+            wanted = ([f"the preset {preset!r}"] if preset else []) + \
+                ([f"every --hp name ({', '.join(hp)})"] if hp else [])
+            raise UserError("rsmbench equiv: no method has " + " and ".join(wanted))
+    for mid in ids:
+        m = reg[mid]()
+        m.validate_hparams({**m.hparams(preset), **hp}, where=f"--hp {mid}")
+    return ids
+
+
 def _run(args) -> int:
     procs = ("diffusion", "flow") if args.process == "all" else (args.process,)
     hp = _hp_overrides(args.hp)
+    ids = selected(args.methods, hp, args.preset)
     if args.preset:
         hp["preset"] = args.preset
-    try:
-        records = run(args.methods, procs, args.dtype, hp=hp or None)
-    except (KeyError, ValueError) as e:  # an unknown method id or preset
-        raise UserError(str(e).strip("'\"")) from None
+    records = run(ids, procs, args.dtype, hp=hp or None)
     if not records:
         raise UserError(f"no selected method applies to process {args.process!r}")
     print(table(records))

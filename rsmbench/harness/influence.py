@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 
 from rsmbench.core import method as registry
-from rsmbench.core.estimators import first as fo
 from rsmbench.core.models import Policy
 from rsmbench.core.process import make_process
 from rsmbench.core.rsm import elementwise_mean
@@ -35,46 +34,9 @@ from rsmbench.harness import equivalence
 GRIDS = {"diffusion": dict(num_steps=50, eta=1.0),  # SD1.5: scaled_linear betas (process defaults)
          "flow": dict(num_steps=10, noise_level=0.7, shift=3.0)}  # SD3.5-M zeroth-order grid
 
-# The published preset each method is read with on each real grid (None: the method's defaults).
-PRESETS = {
-    "diffusion": {"ddpo": "ddpo_pytorch", "dpok": "dpok", "grpo": "dancegrpo", "pcpo": "pcpo_base",
-                  "pcpo_reweight": "sd15", "reinforce_kl": "dpok", "rsm_zo": "sd15_ours",
-                  "branch_grpo": "branchgrpo", "nabla_db": "sd15_pruned_baseline", "sqdf": "sqdf_t2i",
-                  "rsm_fo": "sd15_ours", "refl": "imagereward", "draft": "draft_1", "alignprop": "aesthetic",
-                  "adjoint_matching": "aesthetic"},
-    "flow": {"grpo": "flow_grpo_kl_free", "grpo_guard": "flow_grpo_guard", "pcpo_reweight": "sd35",
-             "tempflow_grpo": "rsm_base", "rsm_zo": "sd35_lowsnr2", "branch_grpo": "branchgrpo",
-             "pcpo": "pcpo_base", "reinforce_kl": "dpok", "vgg_flow": "sd35_baseline", "rsm_fo": "sd35_ours",
-             "draft": "draft_1", "alignprop": "aesthetic", "adjoint_matching": "aesthetic"},
-}
-
-
-# ---- where each first-order method keeps its raw signal G (per spec row) ----------------------------
-def _g_terminal(m, batch, ctx, rows):
-    return m._G(batch, ctx) if hasattr(m, "_G") else batch.extras["terminal_grad"][rows.sample]
-
-
-SIGNALS = {
-    # RSM first-order: the (clipped, flow) terminal ∇_{x0} r of the row's own trajectory (§9.1–9.2)
-    "rsm_fo": lambda m, b, ctx, rows: _g_terminal(m, b, ctx, rows),
-    # ∇-DB: ∇_{x'} r(x̂0(x')) at the sampled next state (§8.3), as its rsm_spec builds it
-    "nabla_db": lambda m, b, ctx, rows: fo.next_state(ctx.policy, ctx.reward, rows, jacobian=True),
-    # SQDF: k-step lookahead of the reference from the next state (§8.2); x' = μ_θ† + σξ = rows.x_next
-    "sqdf": lambda m, b, ctx, rows: fo.lookahead(ctx.ref, ctx.reward, rows.x_next, rows.step + 1, rows.cond,
-                                                 k=ctx.hp["lookahead_steps"]),
-    # VGG-Flow: clipped current-state gradient through the detached velocity (§8.1)
-    "vgg_flow": lambda m, b, ctx, rows: m.clipper(ctx)(
-        fo.current_state(ctx.policy, ctx.reward, rows.x, rows.step, rows.cond, jacobian=False)),
-    # ReFL: ∇r at x̂0 of the row (§8.11)
-    "refl": lambda m, b, ctx, rows: b.extras["x0_grad"],
-    # Adjoint Matching: minus the lean adjoint at the next state (§4.1 adjoint-style)
-    "adjoint_matching": lambda m, b, ctx, rows: -b.row_data["lean_adjoint"],
-    # DRaFT / AlignProp: ψ is the exact chain adjoint pulled back, not a multiple of one raw signal;
-    # κ is measured against the terminal gradient ∇_{x_N} r (an RMS ratio: the effective Jacobian)
-    "draft": lambda m, b, ctx, rows: b.extras["terminal_grad"][rows.sample],
-    "alignprop": lambda m, b, ctx, rows: b.extras["terminal_grad"][rows.sample],
-}
-RMS_RATIO = ("draft", "alignprop")  # ψ ∦ G: κ_row = 2·c1·γ·rms(ψ)/rms(G)
+# The preset each method is read with on each real grid is its ``influence_preset[kind]`` (absent: its
+# defaults), and its raw signal G is its ``influence_signal`` (rsmbench.core.method): both live in the
+# method's own file.
 
 
 def real_context(m, kind: str, hp: dict | None = None, seed: int = 0):
@@ -91,13 +53,9 @@ def real_context(m, kind: str, hp: dict | None = None, seed: int = 0):
 def row_kappa(m, batch, ctx, spec) -> tuple[torch.Tensor, torch.Tensor]:
     """(κ_row, valid) for every row of the spec (invalid: G ≡ 0 or a KL-anchor row)."""
     rows = spec.rows
-    if m.order == "zeroth":
-        A = batch.extras["advantages"][rows.sample].to(rows.noise.dtype)
-        G = A.reshape(-1, *([1] * (rows.noise.dim() - 1))) * rows.noise
-    else:
-        G = SIGNALS[m.id](m, batch, ctx, rows).detach()
+    G = m.influence_signal(batch, ctx, rows).detach()  # zeroth order A·ξ; first order the method's own G
     gg = elementwise_mean(G * G)
-    if m.id in RMS_RATIO:
+    if m.influence_rms_ratio:  # ψ ∦ G (DRaFT, AlignProp): κ_row = 2·c1·γ·rms(ψ)/rms(G)
         ratio = elementwise_mean(spec.psi**2).sqrt() / gg.sqrt()
     else:
         ratio = elementwise_mean(spec.psi * G).abs() / gg
@@ -114,7 +72,7 @@ def kappa_profile(method_id: str, kind: str, preset: str | None = "auto", hp: di
     """κ(t), h(t) per step of `kind`'s real grid for one method (one row per step)."""
     m = registry.get(method_id)
     if preset == "auto":
-        preset = PRESETS[kind].get(method_id)
+        preset = m.influence_preset.get(kind)
     hp_all = m.hparams(preset, **(hp or {}))
     ctx = real_context(m, kind, hp_all, seed)
     ctx.hp = hp_all

@@ -29,8 +29,7 @@ import torch
 from tqdm import tqdm
 
 from rsmbench.core import method as registry
-from rsmbench.core.checkpoints import load_checkpoint
-from rsmbench.errors import UserError
+from rsmbench.errors import TaskError, UserError
 from rsmbench.run import budget, distributed, fullscale, tasks, tracking, tuning
 from rsmbench.run.runspec import config_hash, run_name, run_spec
 from rsmbench.run.setup import shared_reward
@@ -122,11 +121,39 @@ def plan(args, check: bool = True):
     forms = ("rsm", "original") if formulation == "both" else (formulation,)
     if cfg.profile == "tiny":  # full scale: the SD model was checked above
         for k in sorted({k for i in ids for k in processes(reg[i], cfg)}):
-            load_checkpoint(tasks.resolve_path(cfg.processes[k].model.checkpoint), task=cfg.name)
+            tasks.check_base(cfg, k)
     tuned = {} if getattr(args, "untuned", False) else tuning.tuned_values(cfg, args.overrides)
     specs = [run_spec(cfg, i, f, k, s, args.budget, tuned.get(f"{i}/{k}"))
              for i in ids for k in processes(reg[i], cfg) for f in forms for s in seeds_of(cfg, seeds)]
-    return cfg, budget.plan(specs, check)
+    return cfg, planned(specs, check)
+
+
+def planned(specs: list[dict], check: bool = True) -> list[dict]:
+    """``budget.plan`` of the specs after ``probe``; a budget that buys some run no iteration is a
+    one-line ``TaskError`` too."""
+    probe(specs)
+    out = budget.plan(specs, check)
+    for spec in out if check else ():
+        sched = spec["budget"].get("schedule")
+        if sched is not None and sched["iterations"] < 1:
+            raise TaskError(f"budget.reward_queries={spec['budget']['reward_queries']} buys no iteration of "
+                            f"{run_name(spec)} ({sched['queries_per_sample']:g} reward queries per sample)")
+    return out
+
+
+def probe(specs: list[dict]) -> None:
+    """Run each tiny-profile configuration's first collection and losses, as the budget planner measures
+    its cost (``budget.queries_per_sample``, memoised; nothing is written): a configuration that cannot
+    run (e.g. a branch schedule longer than the grid) is a one-line ``TaskError`` before any run starts."""
+    for spec in specs:
+        if spec["profile"] == "tiny":
+            try:
+                budget.queries_per_sample(spec)  # memoised: budget.plan reuses it
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the first iteration of this run would fail the same way
+                raise TaskError(f"{run_name(spec)} on task {spec['task']!r} cannot run: {type(e).__name__}: "
+                                + (str(e).splitlines() or [""])[0]) from None
 
 
 def seeds_of(cfg, n: int) -> list[int]:
@@ -225,7 +252,8 @@ def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, 
     tags = {"config_hash": chash, tracking.GROUP_TAG: tracking.config_group(rc), "method": rc["method"],
             "formulation": rc["formulation"],
             "process": rc["process"], "seed": rc["seed"], "profile": rc["profile"], "task": rc["task"],
-            "method_family": f"{m.order}-order", "table1": m.table1 or "", "equivalence_kind": m.kind,
+            "method_family": f"{m.order}-order", "table1": m.table1 or "",
+            "equivalence_kind": m.equivalence_kind(rc["hp"])[0],
             "paper": m.paper or "", "budget_mode": rc["budget"]["mode"], "tuned": str(bool(rc.get("tuned"))).lower(),
             **env_tags}
     run_id = tracker.create_run(exp, name, tags, description=tracking.run_description(rc, m))

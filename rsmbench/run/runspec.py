@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from rsmbench.core import method as registry
 from rsmbench.core.checkpoints import checkpoint_sha256
+from rsmbench.core.params import Param
 from rsmbench.run import tasks
 
 
@@ -61,7 +62,9 @@ def run_spec(task_cfg, method_id: str, formulation: str, kind: str, seed: int,
     m = registry.get(method_id)
     hp = method_hparams(task_cfg, m)
     if tuned:
-        hp = {**hp, **tuned.get("hp", {})}
+        hp = m.validate_hparams({**hp, **tuned.get("hp", {})}, where=f"tuned {method_id}")
+        if "lr" in tuned:
+            Param(1.0, gt=0).check(tuned["lr"], f"tuned {method_id} lr")
     budget = OmegaConf.to_container(task_cfg.budget, resolve=True)
     mode = budget_mode or budget.get("mode", "matched")
     queries = int(budget["reward_queries"])

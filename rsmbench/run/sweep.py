@@ -22,10 +22,13 @@ Exactly one axis level per point names the method; ``preset: NAME`` (or ``first`
 of the method's published presets; ``hp`` entries of all levels are merged into
 that method's hyperparameters; ``overrides`` entries are task-config dotlists. A point runs on
 every process the task benches that the method supports. A point that cannot run (method not
-applicable to the task's process, first-order method on a black-box reward, unknown method or
-hyperparameter value) is reported at ``--dry-run`` and skipped with its reason, never crashes the
-sweep. Each run is tagged ``sweep`` and ``sweep.<axis>`` = level, and finished points are skipped
-on re-run (the bench's config-hash matching), so an interrupted sweep resumes.
+applicable to the task's processes, first-order method on a black-box reward, a design knob on the
+original formulation) is reported at ``--dry-run`` and skipped with its reason. A mistake in the
+file is an error before anything runs (one line, exit 2): an unknown key, task, method or preset, a
+hyperparameter the method does not declare or a value outside its range, a bad override; and each
+point's configuration runs its first collection (``bench.probe``) before the sweep starts. Each run
+is tagged ``sweep`` and ``sweep.<axis>`` = level, and finished points are skipped on re-run (the
+bench's config-hash matching), so an interrupted sweep resumes.
 
 Launchers: ``local`` runs points in parallel worker processes (at most the number of cores);
 ``ray`` submits each point as a Ray task asking for ``--cpus-per-point`` CPUs on an existing
@@ -47,12 +50,19 @@ import torch
 from omegaconf import OmegaConf
 
 from rsmbench.core import method as registry
-from rsmbench.core.checkpoints import load_checkpoint
-from rsmbench.core.design import TEMPORAL
-from rsmbench.errors import CheckpointError, SweepError, UserError
+from rsmbench.core.params import Param, check_keys, did_you_mean
+from rsmbench.errors import CheckpointError, SweepError, TaskError, UserError
 from rsmbench.run import bench, paths, tasks, tracking
 from rsmbench.run.bench import applies
 from rsmbench.run.runspec import run_spec
+
+# What a sweep file and each of its axis levels may set (``load`` checks names and types).
+FILE = {"name": Param("", type=str), "tasks": Param([], items=Param("", type=str)),
+        "axes": Param({}, type=dict), "seeds": Param([0], items=Param(0, ge=0)),
+        "formulation": Param("rsm", choices=("rsm", "original", "both")),
+        "overrides": Param([], items=Param("", type=str)), "profile": Param("tiny", choices=tasks.PROFILES)}
+LEVEL = {"method": Param("", type=str), "preset": Param("", type=str), "hp": Param({}, type=dict, null=True),
+         "overrides": Param([], items=Param("", type=str), null=True)}
 
 
 @dataclass
@@ -83,6 +93,8 @@ def load(path) -> dict:
         cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
     except Exception as e:  # noqa: BLE001 - any YAML/omegaconf error is the user's file
         raise SweepError(f"{path}: malformed sweep file: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise SweepError(f"{path}: a sweep file is a mapping (name, tasks, axes, ...)")
     for key in ("name", "tasks", "axes"):
         if key not in cfg:
             raise SweepError(f"{path}: missing required key {key!r}")
@@ -92,8 +104,22 @@ def load(path) -> dict:
     cfg.setdefault("formulation", "rsm")
     cfg.setdefault("overrides", [])
     cfg.setdefault("profile", "tiny")
-    if cfg["formulation"] not in ("rsm", "original", "both"):
-        raise SweepError(f"{path}: formulation must be rsm, original or both, got {cfg['formulation']!r}")
+    try:
+        check_keys(cfg, FILE, str(path))
+        for key, param in FILE.items():
+            cfg[key] = param.check(cfg.get(key), f"{path}: {key}")
+        for axis, levels in cfg["axes"].items():
+            for level, spec in levels.items():
+                where = f"{path}: axes.{axis}.{level}"
+                spec = {} if spec is None else spec
+                if not isinstance(spec, dict):
+                    raise SweepError(f"{where} must be a mapping of {', '.join(LEVEL)}, got {spec!r}")
+                check_keys(spec, LEVEL, where)
+                for key, param in LEVEL.items():
+                    if key in spec:
+                        param.check(spec[key], f"{where}.{key}")
+    except TaskError as e:
+        raise SweepError(str(e)) from None
     return cfg
 
 
@@ -105,13 +131,10 @@ def expand(cfg: dict) -> list[Point]:
     points = []
     task_cache = {}
     for task in cfg["tasks"]:
-        if task not in task_cache:
-            try:
-                tc = tasks.load(task, cfg["overrides"], cfg["profile"])
-                task_cache[task] = (tc, tasks.build_reward(tc), None)
-            except tasks.TaskError as e:
-                task_cache[task] = (None, None, str(e))
-        tc, reward, terr = task_cache[task]
+        if task not in task_cache:  # a bad task name or override is the file's error, not a skipped point
+            tc = tasks.load(task, cfg["overrides"], cfg["profile"])
+            task_cache[task] = (tc, tasks.build_reward(tc))
+        tc, reward = task_cache[task]
         for combo in itertools.product(*[list(levels.items()) for _, levels in axes]):
             levels = {name: lv for (name, _), (lv, _) in zip(axes, combo)}
             specs = [spec or {} for _, spec in combo]
@@ -120,17 +143,20 @@ def expand(cfg: dict) -> list[Point]:
             hp = {k: v for s in specs for k, v in (s.get("hp") or {}).items()}
             overrides = [o for s in specs for o in (s.get("overrides") or [])]
             base = dict(task=task, levels=levels, hp=hp, overrides=overrides)
-            why = terr or ("" if len(methods) == 1 else f"{len(methods)} axis levels name a method (need one)")
+            why = "" if len(methods) == 1 else f"{len(methods)} axis levels name a method (need one)"
             mid = methods[0] if len(methods) == 1 else None
-            if not why and mid not in reg:
-                why = f"unknown method {mid!r}"
+            label = ",".join(f"{a}={v}" for a, v in levels.items())
+            if not why and mid not in reg:  # a typo is the file's error
+                raise SweepError(f"sweep {cfg['name']!r} [{label}]: unknown method {mid!r}"
+                                 f"{did_you_mean(mid, reg)}; choose from {', '.join(sorted(reg))}")
             if not why and presets:
-                why, hp = _with_preset(reg[mid], presets[0], hp)
+                hp = _with_preset(reg[mid], presets[0], hp, f"sweep {cfg['name']!r} [{label}]")
+            if not why:  # every hyperparameter name, type and range, as the method declares them
+                reg[mid]().validate_hparams({**reg[mid].defaults, **hp}, where=f"sweep {cfg['name']!r} [{label}] hp")
             procs = [None]
             if not why:
                 why = applies(reg[mid], tc, reward)
-                kinds = [k for k in tc.bench.processes if k in tc.processes]
-                procs = [k for k in kinds if k in reg[mid].processes] or [None]
+                procs = bench.processes(reg[mid], tc) or [None]
                 why = why or next((e for e in (_checkpoint_error(tc, k) for k in procs if k) if e), "")
             for proc in procs:
                 for seed in cfg["seeds"]:
@@ -144,20 +170,21 @@ def expand(cfg: dict) -> list[Point]:
 
 def _checkpoint_error(tc, kind: str) -> str:
     try:
-        load_checkpoint(tasks.resolve_path(tc.processes[kind].model.checkpoint), task=tc.name)
+        tasks.check_base(tc, kind)
     except CheckpointError as e:
         return str(e)
     return ""
 
 
-def _with_preset(m, name: str, hp: dict) -> tuple[str, dict]:
+def _with_preset(m, name: str, hp: dict, where: str) -> dict:
     """Merge a method preset (``first`` = its first listed one) under the level's hp."""
     if not m.presets:
-        return f"{m.id} has no published preset", hp
+        raise SweepError(f"{where}: {m.id} has no published preset")
     name = next(iter(m.presets)) if name == "first" else name
     if name not in m.presets:
-        return f"{m.id} has no preset {name!r}", hp
-    return "", {**{k: v for k, v in m.presets[name].items() if k != "source"}, **hp}
+        raise SweepError(f"{where}: {m.id} has no preset {name!r}{did_you_mean(name, m.presets)}; "
+                         f"choose from {', '.join(m.presets)}")
+    return {**{k: v for k, v in m.presets[name].items() if k != "source"}, **hp}
 
 
 def _task_cfg(pt: Point, cfg: dict):
@@ -175,13 +202,9 @@ def run_config(pt: Point, cfg: dict):
 
 
 def _validate(pt: Point, cfg: dict) -> tuple[str, int]:
-    """('' or the reason the point cannot run, its reward-query budget)."""
-    try:
-        _, rc = run_config(pt, cfg)
-    except (ValueError, KeyError) as e:
-        return f"bad configuration: {str(e).splitlines()[0]}", 0
-    if pt.hp.get("temporal", "own") not in TEMPORAL:
-        return f"unknown temporal profile {pt.hp['temporal']!r}", 0
+    """('' or the reason the point cannot run, its reward-query budget). A bad value (a level's task
+    overrides, a hyperparameter) raises: it is the file's error, not a point to skip."""
+    _, rc = run_config(pt, cfg)
     if pt.formulation == "original" and (pt.hp.get("temporal", "own") != "own" or pt.hp.get("trust_c2")):
         return "temporal/trust_c2 knobs act on the RSM formulation only", 0
     return "", int(rc["budget"]["reward_queries"])
@@ -253,15 +276,16 @@ def _run(args) -> int:
         if bad:
             raise SweepError(f"--tasks {','.join(bad)} not in the sweep's tasks ({', '.join(cfg['tasks'])})")
         cfg["tasks"] = keep
+    if args.workers < 1 or args.cpus_per_point < 1:
+        raise UserError(f"--workers and --cpus-per-point must be >= 1, got {args.workers}, {args.cpus_per_point}")
     points = expand(cfg)
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
     print(dry_run_table(points) if args.dry_run else
           f"sweep {cfg['name']}: {sum(not p.skip for p in points)} runs, "
           f"{sum(bool(p.skip) for p in points)} skipped (see --dry-run)")
     if args.dry_run:
         return 0
     todo = [p for p in points if not p.skip]
+    bench.probe([run_config(p, cfg)[1] for p in todo])  # each configuration's first iteration, nothing written
     workers = min(args.workers, os.cpu_count() or 1, max(1, len(todo)))
     t0, failed = time.time(), 0
     it = _launch_ray(todo, cfg, args.ray_address, args.cpus_per_point) if args.launcher == "ray" \

@@ -27,9 +27,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 import rewards
 from rsmbench.core.checkpoints import load_checkpoint
-from rsmbench.core.process import KINDS, make_process
+from rsmbench.core.process import PREDICTION, make_process
+from rsmbench.core.params import _show
 from rsmbench.data import gmm
-from rsmbench.errors import TaskError
+from rsmbench.errors import CheckpointError, TaskError
+from rsmbench.run import schema
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ("tiny", "sd15", "sd35")
@@ -74,14 +76,36 @@ def _read(name: str, seen=()) -> DictConfig:
         cfg = OmegaConf.load(path)
     except Exception as e:  # malformed YAML
         raise TaskError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise TaskError(f"{path}: a task file is a mapping of sections, got a list")
     base = cfg.pop("base", None)
     if base:
         if base in seen:
             raise TaskError(f"task {name!r}: circular 'base' chain {' -> '.join(seen + (name, base))}")
         parent = _read(base, seen + (name,))
-        _replace_rewards(parent, cfg)
-        cfg = OmegaConf.merge(parent, cfg)
+        try:
+            _replace_rewards(parent, cfg)
+            cfg = OmegaConf.merge(parent, cfg)
+        except (OmegaConfBaseException, TypeError) as e:  # e.g. a list where the base has a section
+            why = _misfit(OmegaConf.to_container(parent), OmegaConf.to_container(cfg)) or str(e).splitlines()[0]
+            raise TaskError(f"task {name!r} does not fit its base {base!r}: {why}") from None
     return cfg
+
+
+def _misfit(parent: dict, child: dict, where: str = "") -> str:
+    """The first key where `child` has a value of another shape (mapping, list, scalar) than `parent`."""
+    def shape(v):
+        return "a mapping" if isinstance(v, dict) else "a list" if isinstance(v, list) else "a value"
+
+    for key, v in child.items():
+        if key not in parent or parent[key] is None or v is None:
+            continue
+        dotted = f"{where}.{key}" if where else str(key)
+        if shape(parent[key]) != shape(v):
+            return f"{dotted} must be {shape(parent[key])} as in the base, got {_show(v)}"
+        if isinstance(v, dict) and (why := _misfit(parent[key], v, dotted)):
+            return why
+    return ""
 
 
 def _replace_rewards(parent: DictConfig, child: DictConfig) -> None:
@@ -121,32 +145,43 @@ def load(name: str, overrides=(), profile: str = "tiny") -> DictConfig:
         if profile not in profiles:
             raise TaskError(f"task {name!r} has no {profile!r} profile; choose from "
                             f"{', '.join(['tiny', *profiles])}")
-        cfg = OmegaConf.merge(cfg, profiles[profile])
+        try:
+            cfg = OmegaConf.merge(cfg, profiles[profile])
+        except OmegaConfBaseException as e:
+            raise TaskError(f"task {name!r}: bad {profile!r} profile: {str(e).splitlines()[0]}") from None
     cfg.profile = profile
     if "methods" not in cfg or cfg.methods is None:
         cfg.methods = {}
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.methods, False)  # any method id / hyperparameter may be overridden
+    dotlist = parse_overrides(overrides)
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(parse_overrides(overrides)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
         OmegaConf.resolve(cfg)
     except TaskError:
         raise
     except OmegaConfBaseException as e:
+        _explain_override(cfg, dotlist, name)  # an unknown key: the schema names the valid ones
         raise TaskError(f"bad override for task {name!r}: {str(e).splitlines()[0]}") from None
-    validate(cfg)
+    validate(cfg, name)
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    for key in ("name", "processes", "reward", "prompts", "train", "budget", "eval"):
-        if key not in cfg:
-            raise TaskError(f"task {cfg.get('name', '?')!r} lacks the {key!r} section")
-    for kind in cfg.processes:
-        if kind not in KINDS:
-            raise TaskError(f"task {cfg.name!r}: unknown process {kind!r}; choose from {', '.join(KINDS)}")
-    if cfg.train.dtype not in DTYPES:
-        raise TaskError(f"train.dtype {cfg.train.dtype!r}; choose from {', '.join(DTYPES)}")
+def _explain_override(cfg: DictConfig, dotlist: list[str], name: str) -> None:
+    """Merge the overrides without struct mode and validate: a key the schema does not declare is
+    then its one-line error ('did you mean', the valid keys); returns where the schema accepts it."""
+    try:
+        loose = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(cfg)), OmegaConf.from_dotlist(dotlist))
+        plain = OmegaConf.to_container(loose, resolve=True)
+    except OmegaConfBaseException:
+        return
+    schema.validate(plain, name)
+
+
+def validate(cfg: DictConfig, name: str | None = None) -> None:
+    """Every value of a merged task config against ``rsmbench.run.schema`` (types, ranges, relations,
+    each method's declared hyperparameters); raises ``TaskError`` (one line)."""
+    schema.validate(OmegaConf.to_container(cfg, resolve=True), name)
 
 
 # ---- builders: from a task config, or from the plain sections of a run spec ---------------------------
@@ -179,6 +214,8 @@ def make_reward(reward) -> object:
         return rewards.get(reward["name"], **(reward.get("cfg") or {}))
     except KeyError as e:
         raise TaskError(str(e).strip("'\"")) from None
+    except (TypeError, ValueError) as e:  # reward.cfg the reward does not take
+        raise TaskError(f"reward {reward['name']!r}: bad reward.cfg: {str(e).splitlines()[0]}") from None
 
 
 def build_reward(cfg: DictConfig):
@@ -189,6 +226,16 @@ def base_network(model, task: str, dtype):
     """The committed base network of a ``processes.<kind>.model`` section (hash-checked), in `dtype`."""
     net, _ = load_checkpoint(resolve_path(_plain(model)["checkpoint"]), task=task)
     return net.to(dtype)
+
+
+def check_base(cfg: DictConfig, kind: str) -> None:
+    """The base checkpoint of process `kind` loads (hash-checked) and predicts the output the process
+    samples with (ε for diffusion, v for flow); else ``CheckpointError``."""
+    path = resolve_path(cfg.processes[kind].model.checkpoint)
+    _, meta = load_checkpoint(path, task=cfg.name)
+    if meta.get("prediction") != PREDICTION[kind]:
+        raise CheckpointError(f"checkpoint {path} is a {meta.get('prediction')!r}-prediction network; the {kind} "
+                              f"process samples with {PREDICTION[kind]!r} (processes.{kind}.model.checkpoint)")
 
 
 def load_base(cfg: DictConfig, kind: str, dtype=None):

@@ -179,8 +179,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             except Diverged as e:
                 flush_and_stop(e)
             opt.step()
-            if hasattr(m, "on_optimizer_step"):  # e.g. VGG-Flow's quantile clip threshold update
-                m.on_optimizer_step()
+            m.on_optimizer_step()  # e.g. VGG-Flow's quantile clip threshold update
             losses.append(loss), gnorms.append(gn.item())
         now = time.time()
         counters.wall_time += now - t_prev

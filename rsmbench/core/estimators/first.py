@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from rsmbench.errors import TaskError
+
 # ---- reward-backprop family (DRaFT, AlignProp, ReFL, Adjoint Matching, RSM first-order) --------
 # Every Ψ̂ below is returned in native units Ψ̂/a (``rsmbench.core.rsm``) per row of `rows`, with `g` a
 # (R, *shape) gradient already gathered per row.
@@ -57,6 +59,15 @@ def terminal_velocity_shift(g_x0: torch.Tensor, scale=1.0) -> torch.Tensor:
     Ψ̂/a = −λ·g with g = (clipped) ∇_{x_0} r of the row's own trajectory; the temporal factor η(σ)
     is γ (``weights.vgg_eta``). Score units: Ψ̂ = ((1−σ)/σ)·λ·g (a = −(1−σ)/σ)."""
     return -scale * g_x0
+
+
+PHI_LOSSES = ("neg", "abs_target", "relu_margin")  # the reward losses φ of ``phi_loss``; the last two need a target
+
+
+def check_reward_target(hp: dict) -> None:
+    """A reward loss with a target ('abs_target', 'relu_margin') needs ``reward_target``."""
+    if hp.get("reward_loss") in ("abs_target", "relu_margin") and hp.get("reward_target") is None:
+        raise TaskError(f"reward_loss {hp['reward_loss']!r} needs reward_target (a number)")
 
 
 def phi_loss(r: torch.Tensor, kind: str = "neg", c: float | None = None) -> torch.Tensor:
