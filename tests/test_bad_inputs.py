@@ -149,7 +149,8 @@ CASES = [
     ("sweep_bad_formulation", ["sweep", "{sweep:bad_formulation}"], ["formulation", "one of 'rsm'"]),
     ("sweep_bad_seeds", ["sweep", "{sweep:bad_seeds}"], ["seeds[0]", "integer >= 0"]),
     ("sweep_workers", ["sweep", "{sweep:bad_hp}", "--workers", "0"], ["--workers", ">= 1"]),
-    ("sweep_tasks_subset", ["sweep", "tasks/sweeps/example.yaml", "--tasks", "aesthetic"], ["not in the sweep's tasks"]),
+    ("sweep_tasks_subset", ["sweep", "tasks/sweeps/example.yaml", "--tasks", "aesthetic"],
+     ["not in the sweep's tasks"]),
 ]
 
 

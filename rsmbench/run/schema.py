@@ -65,7 +65,7 @@ class FlowProcess:
 
 @dataclass
 class Model:
-    arch: Literal["mlp", "unet"] = value()
+    arch: Literal["mlp", "unet", "text_unet"] = value()  # rsmbench.core.models.ARCHS
     net: dict = value()  # the network's arguments (rsmbench.core.models.build_net)
     checkpoint: str | None = value(None)  # the committed base network (tiny profile)
 
@@ -79,6 +79,7 @@ class Pretrain:  # rsmbench pretrain
     ema: float = value(0.0, ge=0, lt=1)
     seed: int = value(0, ge=0)
     weight_decay: float = value(0.0, ge=0)
+    cond_dropout: float = value(0.0, ge=0, lt=1)  # CFG's null prompt trained in
 
 
 @dataclass
@@ -186,6 +187,7 @@ class Task:
     data: Data | None = value(None)
     processes: dict = value()  # kind -> ProcessSection
     reward: Reward = value()
+    reward_first_order: Reward | None = value(None)  # the differentiable form first-order methods train on
     prompts: Prompts = value()
     train: Train = value()
     budget: Budget = value()
@@ -298,7 +300,9 @@ def _tiny(cfg: dict) -> None:
     for kind, sec in cfg["processes"].items():
         if not sec["model"].get("checkpoint"):
             raise TaskError(f"processes.{kind}.model.checkpoint must name the base network (tiny profile)")
-        classes = int(sec["model"]["net"].get("num_classes") or 0)
+        net = sec["model"]["net"]
+        classes = len(net.get("prompts") or ()) if sec["model"]["arch"] == "text_unet" \
+            else int(net.get("num_classes") or 0)
         if classes and max(ids) >= classes:
             raise TaskError(f"prompt id {max(ids)} is not a class of processes.{kind}.model "
                             f"(num_classes {classes}: ids 0..{classes - 1})")

@@ -27,8 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import rewards
 from rsmbench.core.checkpoints import load_checkpoint
-from rsmbench.core.process import PREDICTION, make_process
 from rsmbench.core.params import _show
+from rsmbench.core.process import PREDICTION, make_process
 from rsmbench.data import gmm
 from rsmbench.errors import CheckpointError, TaskError
 from rsmbench.run import schema
