@@ -131,6 +131,19 @@ CASES = [
     ("checkpoint_wrong_kind", [*GMM, "--methods", "grpo",
                                "processes.flow.model.checkpoint=tasks/checkpoints/gmm_diffusion.safetensors"],
      ["'epsilon'-prediction", "'v'", "processes.flow.model.checkpoint"]),
+    ("checkpoint_other_network", [*GMM, "--methods", "grpo", "processes.flow.model.net.hidden=64"],
+     ["processes.flow.model.net.hidden is 64", "has 128", "rsmbench pretrain"]),
+    ("tune_checkpoint_other_network", ["tune", "--task", "gmm", "--methods", "grpo", "processes.flow.model.arch=unet"],
+     ["processes.flow.model.arch is 'unet'", "'mlp'"]),
+    ("budget_buys_nothing", [*GMM, "--methods", "tempflow_grpo", "budget.reward_queries=5"],
+     ["budget.reward_queries=5", "tempflow_grpo", "use budget.reward_queries=14"]),
+    ("branch_schedule_too_long", [*GMM, "--methods", "rsm_zo", "methods.rsm_zo.k=[0,0,0,0,0,0,0,0,0,0,0,4]"],
+     ["cannot run", "branch schedule", "at most 10"]),
+    ("reward_unknown", [*GMM, "reward.name=nosuch"], ["unknown reward 'nosuch'", "choose from"]),
+    ("prompts_empty", [*GMM, "prompts.train=[]"], ["prompts.train", "non-empty list"]),
+    ("pretrain_process", ["pretrain", "--task", "gmm", "--process", "flw"], ["no process 'flw'", "choose from flow"]),
+    ("equiv_method_preset", ["equiv", "--methods", "grpo", "--preset", "nosuch"], ["nosuch"]),
+    ("equiv_hp_no_value", ["equiv", "--hp", "beta"], ["beta"]),
     ("checkpoint_bad_sidecar", [*GMM, "--methods", "grpo", "processes.flow.model.checkpoint={tmp}/bad.safetensors"],
      ["unreadable checkpoint sidecar"]),
     # ---- sweep files -----------------------------------------------------------------------------------------
@@ -149,7 +162,7 @@ CASES = [
     ("sweep_bad_formulation", ["sweep", "{sweep:bad_formulation}"], ["formulation", "one of 'rsm'"]),
     ("sweep_bad_seeds", ["sweep", "{sweep:bad_seeds}"], ["seeds[0]", "integer >= 0"]),
     ("sweep_workers", ["sweep", "{sweep:bad_hp}", "--workers", "0"], ["--workers", ">= 1"]),
-    ("sweep_tasks_subset", ["sweep", "tasks/sweeps/example.yaml", "--tasks", "aesthetic"],
+    ("sweep_tasks_subset", ["sweep", "{tmp}/tasks/sweeps/example.yaml", "--tasks", "aesthetic"],
      ["not in the sweep's tasks"]),
 ]
 

@@ -95,7 +95,7 @@ def test_killed_run_resumes_without_gap_or_duplicate(tmp_path, monkeypatch):
     (["--task", "gmm", "--methods", "nope"], "unknown method 'nope'; choose from all,"),
     (["--task", "gmm", "--methods", "ddpo", "bench.processes=[flow]"], "does not apply to task 'gmm'"),
     (["--task", "gmm", "train.lr"], "malformed override 'train.lr'"),
-    (["--task", "gmm", "train.bogus=1"], "bad override"),
+    (["--task", "gmm", "train.bogus=1"], "train: unknown key 'bogus'; valid keys: batch_per_prompt"),
     (["--task", "gmm", "--formulation", "neither"], "unknown formulation 'neither'"),
 ])
 def test_bad_input_one_line_exit_2_nothing_created(argv, needle, capsys, tmp_path):

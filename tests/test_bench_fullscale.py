@@ -151,11 +151,16 @@ def test_auto_profile_full_scale_when_weights_found(no_cached_sd, sd15_dir):
 
 
 def test_auto_profile_line_is_printed(no_cached_sd, capsys):
-    """The bench prints the choice as its first line (the run itself is refused here: no method applies)."""
+    """Without --profile the bench chooses tiny when no SD weights are cached, and says why in one line
+    (printed before the runs); an empty bench.processes list is refused by the task schema first."""
+    from rsmbench.run import bench
+
+    prof, note = bench.choose_profile("compressibility", [])
+    assert prof == "tiny" and note.startswith("profile: tiny (sd15 weights not found")
     assert main(["bench", "--task", "compressibility", "--no-progress", "bench.processes=[]"]) == 2
     out, err = capsys.readouterr()
-    assert out.splitlines()[0].startswith("profile: tiny (sd15 weights not found")
-    assert err.strip() == "no method applies to task 'compressibility'"
+    assert err.strip().startswith("task 'compressibility': bench.processes must be 'published' or a list of the "
+                                  "task's processes") and len(err.splitlines()) == 1, err
 
 
 def test_sd15_killed_run_resumes_from_lora_checkpoint(tmp_path, sd15_dir, monkeypatch):

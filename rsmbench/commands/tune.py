@@ -67,6 +67,8 @@ def plan(args):
     seeds = [tuning.SEED_OFFSET + k for k in range(n_seeds)]
     lrs, factors = _floats(args.lr_grid, "lr-grid"), _floats(args.strength_grid, "strength-grid")
     form = str(cfg.bench.get("formulation", "original"))
+    for k in sorted({k for i in ids for k in bench.processes(reg[i], cfg)}):
+        tasks.check_base(cfg, k)  # loads, predicts what the process samples with, is the task's network
     where, specs = [], []
     for i in ids:
         for k in bench.processes(reg[i], cfg):

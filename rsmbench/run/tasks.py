@@ -236,6 +236,12 @@ def check_base(cfg: DictConfig, kind: str) -> None:
     if meta.get("prediction") != PREDICTION[kind]:
         raise CheckpointError(f"checkpoint {path} is a {meta.get('prediction')!r}-prediction network; the {kind} "
                               f"process samples with {PREDICTION[kind]!r} (processes.{kind}.model.checkpoint)")
+    model = _plain(cfg.processes[kind].model)  # the network is the checkpoint's: a different one is not honoured
+    for key, want, got in [("arch", model["arch"], meta.get("arch")),
+                           *((f"net.{k}", v, (meta.get("net") or {}).get(k)) for k, v in model["net"].items())]:
+        if want != got:
+            raise CheckpointError(f"processes.{kind}.model.{key} is {want!r} but the base checkpoint {path} has "
+                                  f"{got!r}; run `rsmbench pretrain --task {cfg.name}` with it, or leave it unset")
 
 
 def load_base(cfg: DictConfig, kind: str, dtype=None):
