@@ -132,11 +132,17 @@ def efficiency(tasks_, out: Path) -> Figure | None:
                     if run["diverged"] is not None:
                         marks.append((float(d.x.iloc[-1]), float(d.y.iloc[-1]), e.style.color))
                         n_div.add(e.label)
+                    elif run["finished"]:  # a seed that finished is a sane run: it sets limits too
+                        sx += list(d.x)
+                        sy += list(d.y)
             for p in procs:
                 b = base_value(t, p, y)
                 if b is not None:
                     hb = ax.axhline(b, **style.BASE)
-                    handles.setdefault(f"base model ({p}), iteration 0", hb)
+                    handles.setdefault("base model (iteration 0)", hb)
+                    if len(procs) > 1:  # one line per process: say which, at the right end
+                        ax.annotate(p, (1, b), xycoords=("axes fraction", "data"), xytext=(-2, 1),
+                                    textcoords="offset points", ha="right", va="bottom", fontsize=style.FONT - 2)
                     sy.append(b)
             xlim = (0.0, max(sx) * 1.03 if max(sx) > 0 else 1.0)
             ylim = _pad(min(sy), max(sy)) if sy else ax.get_ylim()
@@ -150,7 +156,7 @@ def efficiency(tasks_, out: Path) -> Figure | None:
                                 textcoords="offset points", color=col, fontsize=style.FONT - 1.5,
                                 va="top" if my > cy else "bottom", annotation_clip=False)
             limits[f"{t.name}|{y}|{x}"] = (xlim, ylim)
-            style.compact_ticks(ax, "x")
+            style.compact_ticks(ax, "x", eng=x != "train/wall_time")
             ax.set_xlabel(xl)
             if c == 0:
                 ax.set_ylabel(LABELS.get(y, y))
@@ -158,16 +164,19 @@ def efficiency(tasks_, out: Path) -> Figure | None:
     fig.tight_layout(h_pad=1.2, w_pad=1.0)
     _legend(fig, handles)
     files = style.save(fig, out, "efficiency")
-    caption = ("Sample efficiency. Each line is one configuration: at every eval the IQM over its seeds of the eval "
-               "metric (mean over the pinned eval samples), with its 95 % stratified-bootstrap CI as a band; seeds "
-               "are aligned by eval index, x is their mean. Columns: cumulative reward queries, network evaluations "
-               "(NFE, training only) and training wall-clock (eval and logging excluded); rows: the eval reward and "
-               "the task's selection metric. The dotted black line is the base model (the iteration-0 eval). "
+    caption = ("Sample efficiency. Each thick line is one configuration: at every eval the IQM over its seeds of the "
+               "eval metric (mean over the pinned eval samples), with its 95 % stratified-bootstrap CI as a band; "
+               "seeds are aligned by eval index, x is their mean. Columns: cumulative reward queries, network "
+               "evaluations (NFE, training only) and training wall-clock (eval and logging excluded); rows: the eval "
+               "reward and the task's selection metric. The dotted black line is the base model (iteration-0 eval; "
+               "one per process, named at its right end, when there are two). "
                "Colour and marker identify the method; solid lines with filled markers are zeroth-order methods, "
                "dashed with open markers first-order. Axis limits come from the sane configurations only.")
     if n_div:
-        caption += (" Diverged configurations are drawn per seed up to their last logged eval, ending in ✕ "
-                    "(on the frame when the value lies beyond it); their legend entries say at which iteration.")
+        caption += (" Configurations with a diverged seed are drawn per seed (thin lines): a diverged seed up to its "
+                    "last logged eval, ending in ✕ (on the frame, with its value, when that lies beyond the axes); "
+                    "their legend entries say at which iteration. Their finished seeds count as sane runs for the "
+                    "axis limits.")
     return Figure(files, caption, limits)
 
 
@@ -215,13 +224,19 @@ def pareto(tasks_, out: Path) -> Figure | None:
         if len(front) > 1:
             (hf,) = ax.plot(front[:, 0], front[:, 1], color="black", ls="--", lw=0.9, zorder=0)
             handles.setdefault("Pareto front", hf)
-        for p in sorted({e.row.process for e in t.entries}):
+        procs = sorted({e.row.process for e in t.entries})
+        for p in procs:
             bx, by = base_value(t, p, x), base_value(t, p, y)
             if bx is not None and by is not None:
                 (hb,) = ax.plot(bx, by, marker="*", ms=11, color="black", ls="none")
                 handles.setdefault("base model (iteration 0)", hb)
-        n_out = sum(1 for (tn, _) in left_out if tn == t.name)
-        ax.set_title(t.name + (f" ({n_out} diverged configuration(s) left out)" if n_out else ""))
+                if len(procs) > 1:  # one star per process: say which
+                    ax.annotate(p, (bx, by), xytext=(7, 0), textcoords="offset points", va="center",
+                                fontsize=style.FONT - 1.5)
+        outs = [e for e in t.entries if not e.ok]
+        n_div, n_fail = sum(1 for e in outs if e.row.diverged), sum(1 for e in outs if not e.row.diverged)
+        why = ", ".join(f"{n} {w}" for n, w in ((n_div, "diverged"), (n_fail, "failed")) if n)
+        ax.set_title(t.name + (f" ({why} configuration(s) left out, see caption)" if outs else ""))
         ax.set_xlabel(LABELS[x] + (" (higher is better)" if xh else " (lower is better)"))
         ax.set_ylabel("final eval reward")
     for ax in list(axes.flat)[len(panels):]:
@@ -327,7 +342,8 @@ def profile(tasks_, out: Path) -> Figure | None:
     if not scores:
         return None
     allv = np.concatenate([v for s in scores.values() for v in s.values()])
-    taus = np.linspace(min(0.0, allv.min()) - 0.05, max(1.0, allv.max()) + 0.05, 161)
+    lo_tau = max(min(0.0, allv.min()), -1.0)  # below −1 (worse than the base by the best's gain): the left edge
+    taus = np.linspace(lo_tau - 0.05, max(1.0, allv.max()) + 0.05, 161)
     fig, ax = plt.subplots(figsize=(style.WIDTH * 0.8, 4.0))
     handles = {}
     for k, s in scores.items():
@@ -338,9 +354,9 @@ def profile(tasks_, out: Path) -> Figure | None:
         j = int(np.argmin(np.abs(prof - 0.5)))  # the method's marker where its curve crosses ½
         ax.plot(taus[j], prof[j], **st.point(ms=6))
         handles[k] = ax.plot([], [], **st.line())[0]
-    for v, lab in ((0.0, "base model"), (1.0, "best configuration (IQM)")):
+    for v, lab, ha in ((0.0, "base model ", "right"), (1.0, " best configuration (IQM)", "left")):
         ax.axvline(v, color="black", ls=":", lw=1)
-        ax.text(v, 1.04, lab, ha="center", va="bottom", fontsize=style.FONT - 1, transform=ax.get_xaxis_transform())
+        ax.text(v, 1.03, lab, ha=ha, va="bottom", fontsize=style.FONT - 1, transform=ax.get_xaxis_transform())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("τ (task-normalised selection metric)")
     ax.set_ylabel("fraction of runs with score > τ")
@@ -351,7 +367,8 @@ def profile(tasks_, out: Path) -> Figure | None:
                f"({_metric_text(tasks_)}) exceeds τ, after normalising per task as (score − base model)/(best sane "
                "configuration's IQM − base model), so that 0 is the base model and 1 the best configuration of that "
                "task; runs are pooled over tasks, bands are 95 % stratified-bootstrap CIs. A curve further right is "
-               "better. Diverged configurations are left out.")
+               "better; τ starts at −1 (a run more than the best's gain below the base model is left of the frame). "
+               "Diverged configurations are left out.")
     return Figure(files, caption)
 
 
@@ -384,8 +401,8 @@ def _levels(tasks_, axis: str, out: Path) -> Figure:
         lo_, hi_ = _pad(min(vals), max(vals)) if vals else (0, 1)
         for j, e in enumerate(ents):
             if not e.ok:
-                ax.text(lo_, j, f" diverged at {e.diverged_at}" if e.row.diverged else " failed", color="tab:red",
-                        va="center", fontsize=style.FONT - 1)
+                ax.text(0.02, j, f"diverged at {e.diverged_at}" if e.row.diverged else "failed", color="tab:red",
+                        va="center", fontsize=style.FONT - 1, transform=ax.get_yaxis_transform())
         b = base_value(t, ents[0].row.process, m) if ents else None
         if b is not None:
             ax.axvline(b, **style.BASE)

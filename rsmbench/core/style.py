@@ -94,13 +94,14 @@ def use() -> None:
         "legend.frameon": False})
 
 
-def compact_ticks(ax, axis: str = "x", n: int = 5) -> None:
-    """At most `n` ticks with short labels (2k, 1.5M) so that large counts never overlap."""
+def compact_ticks(ax, axis: str = "x", n: int = 5, eng: bool = True) -> None:
+    """At most `n` ticks; ``eng``: short labels for counts (2k, 1.5M) so that they never overlap."""
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
     a = ax.xaxis if axis == "x" else ax.yaxis
     a.set_major_locator(MaxNLocator(n))
-    a.set_major_formatter(EngFormatter(sep=""))
+    if eng and max(abs(v) for v in (ax.get_xlim() if axis == "x" else ax.get_ylim())) >= 1000:
+        a.set_major_formatter(EngFormatter(sep=""))
 
 
 def legend_below(fig, handles, labels, ncol: int | None = None, title: str | None = None, y: float = 0.0):

@@ -124,17 +124,26 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             png = ckpt_dir / f"samples_{it:06d}.png"
             plot_samples(png, title=title, **view)
             log_artifact(png)
+            last_view.update(it=it, view=view, title=title, refs=ref_pts)
             if last:
-                first = sample_view(evaluator.base.final, evaluator.base_rewards(), evaluator.cond, names,
-                                    "iteration 0 (base model)", S.to_images, **ref_pts)
-                png = ckpt_dir / "samples_first_vs_last.png"
-                plot_first_vs_last(png, first, view, f"{title}: the same eval seeds at iteration 0 and {it}")
-                log_artifact(png)
+                first_vs_last(f"{title}: the same eval seeds at iteration 0 and {it}")
         return ev
+
+    last_view = {}  # the latest eval's sample view: a diverged run shows it beside iteration 0
+
+    def first_vs_last(title: str):
+        first = sample_view(evaluator.base.final, evaluator.base_rewards(), evaluator.cond, names,
+                            "iteration 0 (base model)", S.to_images, **last_view["refs"])
+        png = ckpt_dir / "samples_first_vs_last.png"
+        plot_first_vs_last(png, first, last_view["view"], title)
+        log_artifact(png)
 
     def flush_and_stop(e: Diverged):
         for step, mm in pending:  # the history up to the last sane iteration is kept
             log_metrics(mm, step)
+        if dist.is_main and ckpt_dir is not None and last_view and last_view["it"] > 0:
+            first_vs_last(f"{last_view['title']}: iteration 0 and {last_view['it']}, its last eval; "
+                          f"DIVERGED at iteration {e.iteration}")
         raise e
 
     if start == 0:
