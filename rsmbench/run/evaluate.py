@@ -147,9 +147,14 @@ def sample_view(x: torch.Tensor, rewards: torch.Tensor, cond: torch.Tensor, name
     idx = grid_indices(cond, 16)
     imgs = to_images(x[idx]) if to_images is not None else x[idx]
     names = list(names or [])
-    caps = [f"{(names[c] if c < len(names) else f'prompt {c}')[:25]} | {float(rewards[i]):.2f}"
+    caps = [f"{_short(names[c] if c < len(names) else f'prompt {c}')} | {float(rewards[i]):.2f}"
             for i, c in zip(idx, cond[idx].tolist())]
     return dict(x=imgs, label=label, captions=caps)
+
+
+def _short(prompt: str, n: int = 22) -> str:
+    """A prompt cut to fit above a grid cell, with an ellipsis when cut."""
+    return prompt if len(prompt) <= n else prompt[: n - 1].rstrip() + "…"
 
 
 def plot_samples(path: Path, x: torch.Tensor, title: str, base=None, target=None, rewards=None, captions=None,
@@ -158,8 +163,10 @@ def plot_samples(path: Path, x: torch.Tensor, title: str, base=None, target=None
     ``prompt | reward``) otherwise."""
     plt = _plt()
     fig = plt.figure(figsize=_size(x, 1), dpi=90, layout="constrained")
-    _panel(fig, dict(x=x, base=base, target=target, rewards=rewards, captions=captions, label=label), None)
-    fig.suptitle(title, fontsize=9)
+    grid = x.dim() != 2  # an image grid's label goes in the figure's title (a scatter has its own)
+    _panel(fig, dict(x=x, base=base, target=target, rewards=rewards, captions=captions,
+                     label="" if grid else label), None)
+    fig.suptitle(f"{title}, {label}" if grid and label else title, fontsize=9)
     fig.savefig(path)
     plt.close(fig)
 
