@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def _diverged_label(e) -> str:
 
 def _legend(fig, handles: dict, y: float = 0.0, ncol: int = 2):
     fh, fl = style.family_handles()
-    hs, ls = list(handles.values()) + fh, list(handles) + fl
+    hs, ls = list(handles.values()) + fh, [textwrap.fill(k, 64, subsequent_indent="  ") for k in handles] + fl
     return style.legend_below(fig, hs, ls, ncol=ncol, y=y)
 
 
@@ -135,24 +136,27 @@ def efficiency(tasks_, out: Path) -> Figure | None:
                     elif run["finished"]:  # a seed that finished is a sane run: it sets limits too
                         sx += list(d.x)
                         sy += list(d.y)
-            for p in procs:
+            for k, p in enumerate(procs):
                 b = base_value(t, p, y)
                 if b is not None:
                     hb = ax.axhline(b, **style.BASE)
                     handles.setdefault("base model (iteration 0)", hb)
-                    if len(procs) > 1:  # one line per process: say which, at the right end
-                        ax.annotate(p, (1, b), xycoords=("axes fraction", "data"), xytext=(-2, 1),
+                    if len(procs) > 1:  # one line per process: say which, near the right end, side by side
+                        ax.annotate(p, (1, b), xycoords=("axes fraction", "data"), xytext=(-2 - 48 * k, 1),
                                     textcoords="offset points", ha="right", va="bottom", fontsize=style.FONT - 2)
                     sy.append(b)
             xlim = (0.0, max(sx) * 1.03 if max(sx) > 0 else 1.0)
             ylim = _pad(min(sy), max(sy)) if sy else ax.get_ylim()
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
+            n_off = 0
             for mx, my, col in marks:  # ✕ at the last sane eval; on the frame (with its value) beyond it
                 cx, cy = min(max(mx, xlim[0]), xlim[1]), min(max(my, ylim[0]), ylim[1])
                 ax.plot(cx, cy, color=col, ls="none", clip_on=False, zorder=5, **style.DIVERGED_MARK)
-                if cy != my:
-                    ax.annotate(f"{my:.3g} {'↑' if my > cy else '↓'}", (cx, cy), xytext=(6, -3 if my > cy else 3),
+                if cy != my:  # values on the frame are stacked, so that two never overprint
+                    dy = 3 + 9 * n_off
+                    n_off += 1
+                    ax.annotate(f"{my:.3g} {'↑' if my > cy else '↓'}", (cx, cy), xytext=(6, -dy if my > cy else dy),
                                 textcoords="offset points", color=col, fontsize=style.FONT - 1.5,
                                 va="top" if my > cy else "bottom", annotation_clip=False)
             limits[f"{t.name}|{y}|{x}"] = (xlim, ylim)
@@ -315,7 +319,7 @@ def improvement(tasks_, out: Path, baseline: str | None = None) -> Figure | None
     for j, (k, p, lo, hi, _) in enumerate(res):
         ax.errorbar(p, j, xerr=[[p - lo], [hi - p]], capsize=3, elinewidth=1.4, **styles[k].point())
     ax.axvline(0.5, color="black", ls=":", lw=1)
-    ax.set_yticks(range(len(res)), [r[0] for r in res])
+    ax.set_yticks(range(len(res)), [textwrap.fill(r[0], 48, subsequent_indent="  ") for r in res])
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.6, len(res) - 0.4)
     ax.set_xlabel(f"P(X > Y), Y = {base}")
