@@ -413,7 +413,8 @@ def _levels(tasks_, axis: str, out: Path) -> Figure:
             vals.append(b)
             lo_, hi_ = _pad(min(vals), max(vals))
         ax.set_xlim(lo_, hi_)
-        ax.set_yticks(range(len(ents)), [f"{e.levels.get(axis, '')}\n{e.row.method}" for e in ents])
+        ax.set_yticks(range(len(ents)), [f"{e.levels[axis]}\n{e.row.method}" if e.levels.get(axis) else
+                                        textwrap.fill(e.label, 30) for e in ents])
         ax.set_ylim(-0.6, len(ents) - 0.4)
         ax.set_xlabel(LABELS.get(m, m) + ("" if m != t.metric else " (selection)"))
         ax.set_title(t.name, fontsize=style.FONT)
