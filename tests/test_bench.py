@@ -53,7 +53,7 @@ def test_two_methods_log_everything_then_skip(tmp_path, capsys):
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert "config.json" in arts
         pngs = [a.path for a in c.list_artifacts(r.info.run_id, "samples")]
-        assert len(pngs) == 3 and all(x.endswith(".png") for x in pngs)
+        assert sorted(pngs) == [f"samples/samples_{k}.png" for k in ("000000", "000003", "000006", "first_vs_last")]
     out = capsys.readouterr().out
     assert "reinforce_kl" in out and "J-gap" in out
     summary = (tmp_path / "report" / "summary.md").read_text()
@@ -186,3 +186,19 @@ def test_reward_out_of_range_is_diverged_at_that_iteration_never_a_number(tmp_pa
     assert runs[0].info.status == "FAILED" and runs[0].data.tags["diverged"] == "3"
     row = [ln for ln in (tmp_path / "report" / "summary.md").read_text().splitlines() if "reinforce_kl" in ln][0]
     assert "diverged at iteration 3" in row and "**" not in row and "3000" not in row and "e+" not in row
+
+
+def test_parallel_rerun_that_skips_everything_spawns_no_worker(tmp_path, monkeypatch, capsys):
+    """Runs finished before are answered from the store: with --workers 2 no process is started."""
+    from rsmbench.run import bench as bench_mod
+
+    assert _bench(tmp_path) == 0
+    capsys.readouterr()
+
+    class _NoPool:
+        def __init__(self, *a, **k):
+            raise AssertionError("a worker process was started for runs that are all done")
+
+    monkeypatch.setattr(bench_mod, "ProcessPoolExecutor", _NoPool)
+    assert _bench(tmp_path, workers=2) == 0
+    assert "reinforce_kl (rsm, flow)" in capsys.readouterr().out  # the summary is still written and shown

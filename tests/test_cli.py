@@ -95,3 +95,35 @@ def test_python_dash_m_gives_one_line_and_exit_2(module, tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().startswith("unknown task 'nope'; choose from") and len(p.stderr.splitlines()) == 1, p.stderr
     assert p.stdout == ""
+
+
+def test_every_option_has_help_with_its_default():
+    """`--help` of every subcommand: each option says what it does; those with a default say it."""
+    import argparse
+
+    from rsmbench.cli import SUBCOMMANDS, _add_list_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    _add_list_parser(sub)
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, f"rsmbench {name} {a.dest}: no help text"
+            if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and not a.required:
+                assert "default" in a.help, f"rsmbench {name} {a.option_strings[0]}: default {a.default!r} unsaid"
+
+
+def test_a_shipped_sweep_runs_by_name(capsys):
+    assert main(["sweep", "estimators", "--dry-run"]) == 0
+    assert "runs to do" in capsys.readouterr().out
+
+
+def test_equiv_shows_progress_on_stderr(capsys):
+    assert main(["equiv", "--methods", "reinforce_kl", "--process", "flow"]) == 0
+    out, err = capsys.readouterr()
+    assert "equiv" in err and "reinforce_kl (flow)" in err and "1 passed" in out
+    assert main(["equiv", "--methods", "reinforce_kl", "--process", "flow", "--no-progress"]) == 0
+    assert "reinforce_kl (flow)" not in capsys.readouterr().err

@@ -91,6 +91,9 @@ def collect_rows(tracker, experiment_id: str, hashes: set | None = None) -> list
     return out
 
 
+DERIVED = ("budget.schedule.",)  # params computed from others (the budget's iteration schedule): not in names
+
+
 def _name_rows(rows: list[Row]) -> None:
     """Name each row by method (formulation, process) and, where several rows share those, the
     hyperparameters that differ between them."""
@@ -102,7 +105,8 @@ def _name_rows(rows: list[Row]) -> None:
         if len(rs) == 1:
             rs[0].name = base
             continue
-        params = [{k: v for k, v in r.runs[0].data.params.items() if k != "seed"} for r in rs]
+        params = [{k: v for k, v in r.runs[0].data.params.items() if k != "seed" and not k.startswith(DERIVED)}
+                  for r in rs]
         keys = sorted(k for k in set().union(*params) if len({ps.get(k) for ps in params}) > 1)
         for r, ps in zip(rs, params):
             diff = ", ".join(f"{k.removeprefix('hp.')}={ps.get(k, '–')}" for k in keys[:4])

@@ -71,6 +71,8 @@ def run(args) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     dist = distributed.make()  # N processes under accelerate launch / torchrun, else one
     t0 = time.time()
+    if dist.is_main and not args.no_progress:  # planning loads the reward and the base models: seconds
+        _log(f"bench {args.task}: planning (task, reward, base models, budgets) ...", file=sys.stderr)
     cfg, specs = bench.plan(args)
     covered = specs + [s for s in default_specs(cfg, args) if s not in specs]
     log = _log if dist.is_main else (lambda *a, **k: None)

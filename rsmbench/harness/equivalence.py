@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from rsmbench.core import method as registry
 from rsmbench.core.method import Context
@@ -172,14 +174,21 @@ def _offpolicy_series(m, batch, ctx, perturb, steps: int, lr: float) -> list:
     return series
 
 
-def run(method_ids=None, processes=("diffusion", "flow"), dtype: str = "float64", **kw) -> list[Record]:
-    """Check every (method, process) pair that applies."""
+def run(method_ids=None, processes=("diffusion", "flow"), dtype: str = "float64", progress: bool = False,
+        **kw) -> list[Record]:
+    """Check every (method, process) pair that applies; `progress`: a bar on stderr, one step per pair."""
     reg = registry.load_all()
     ids = sorted(reg) if not method_ids else method_ids
     for mid in ids:
         if mid not in reg:
             raise KeyError(f"unknown method {mid!r}; choose from {', '.join(sorted(reg))}")
-    return [check(mid, proc, dtype, **kw) for mid in ids for proc in processes if proc in reg[mid].processes]
+    pairs = [(mid, proc) for mid in ids for proc in processes if proc in reg[mid].processes]
+    records = []
+    with tqdm(pairs, desc="equiv", unit="check", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        for mid, proc in bar:
+            bar.set_postfix_str(f"{mid} ({proc})")
+            records.append(check(mid, proc, dtype, **kw))
+    return records
 
 
 def table(records: list[Record]) -> str:
@@ -199,11 +208,14 @@ def table(records: list[Record]) -> str:
 def add_parser(sub):
     p = sub.add_parser("equiv", help="check that each method's two formulations give the same gradients")
     p.add_argument("--methods", type=_csv, default=None, help="comma-separated method ids (default: all)")
-    p.add_argument("--process", choices=["diffusion", "flow", "all"], default="all")
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--process", choices=["diffusion", "flow", "all"], default="all",
+                   help="the diffusion (DDPM/DDIM) or flow (rectified-flow SDE) process, or both (default: all)")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                   help="precision of both gradients; the pass tolerances are set for float64 (default: float64)")
     p.add_argument("--json", dest="json_path", default=None, help="write the records to this JSON file")
     p.add_argument("--preset", default=None,
                    help="check each method at this published preset (without --methods: the methods that have it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyperparameter override (YAML value), repeatable, e.g. --hp use_value_net=true; "
                         "without --methods, the methods that declare every given name")
@@ -260,7 +272,10 @@ def _run(args) -> int:
     ids = selected(args.methods, hp, args.preset)
     if args.preset:
         hp["preset"] = args.preset
-    records = run(ids, procs, args.dtype, hp=hp or None)
+    try:
+        records = run(ids, procs, args.dtype, progress=not args.no_progress, hp=hp or None)
+    except (KeyError, ValueError) as e:  # an unknown method id or preset
+        raise UserError(str(e).strip("'\"")) from None
     if not records:
         raise UserError(f"no selected method applies to process {args.process!r}")
     print(table(records))

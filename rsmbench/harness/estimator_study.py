@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rsmbench.core import tree
+from rsmbench.core import style, tree
 from rsmbench.core.checkpoints import load_checkpoint
 from rsmbench.core.estimators import first as fo
 from rsmbench.core.estimators import likelihood_ratio
@@ -325,56 +325,69 @@ def study(quick: bool = False, models=None, n_points: int | None = None,
     return df, info
 
 
-def plot(df: pd.DataFrame, out_dir, name: str = "estimator_study") -> list[Path]:
-    import matplotlib
+ESTIMATOR_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                    "#bcbd22", "#000075")
 
-    matplotlib.use("Agg")
+
+def _family(est: str) -> str:
+    return "first" if est.startswith("FO") else "zeroth"
+
+
+def plot(df: pd.DataFrame, out_dir, name: str = "estimator_study") -> list[Path]:
+    """A 3 × 2 grid of panels (a)–(e), each with its legend under it; zeroth-order estimators solid with
+    filled markers, first-order dashed with open markers (``rsmbench.core.style``); error bars: ±1 std of
+    the per-point error ‖Ψ̂_p − Ψ_p‖ over the points, drawn from the ``rmse_std`` column."""
+    style.use()
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 5, figsize=(24, 4.6))
-    styles = {"exact": "-", "base": "--"}
+    fig, axes = plt.subplots(3, 2, figsize=(style.WIDTH, 13.0), layout="constrained")
+    ax = axes.flat
 
-    def lines(a, sub, x, label_fn=lambda e, m: f"{e} [{m}]"):
-        for (est, model), g in sub.groupby(["estimator", "model"], sort=False):
+    def lines(a, sub, x, label_fn=lambda e, m: e, model_ls=None):
+        groups = list(sub.groupby(["estimator", "model"], sort=False))
+        colors = {e: ESTIMATOR_COLORS[i % len(ESTIMATOR_COLORS)] for i, e in enumerate(dict.fromkeys(sub.estimator))}
+        for j, ((est, model), g) in enumerate(groups):
             g = g.sort_values(x)
-            a.errorbar(np.log2(g[x]) if x in ("n_samples", "nfe") else g[x], g.rmse, fmt=styles.get(model, "-"),
-                       marker="o", ms=3, capsize=2, label=label_fn(est, model), alpha=0.9)
+            xs = np.log2(g[x].to_numpy(float)) if x in ("n_samples", "nfe") else g[x].to_numpy(float)
+            xs = xs + 0.05 * (j - (len(groups) - 1) / 2)  # dodge so that the bars do not overlap
+            fam = _family(est)
+            lo = np.minimum(g.rmse_std, 0.9 * g.rmse)  # a log axis: the lower bar stops above 0
+            ls = (model_ls or {}).get(model, style.LINESTYLE[fam])
+            a.errorbar(xs, g.rmse, yerr=[lo, g.rmse_std], color=colors[est], ls=ls, marker="os^Dv<>ph*"[j % 10],
+                       ms=4.5, mfc=colors[est] if fam == "zeroth" else "white", mec=colors[est], capsize=2,
+                       elinewidth=0.8, lw=1.4, label=label_fn(est, model))
 
     first = "exact" if "exact" in set(df.model) else df.model.iloc[0]  # (a)–(d): one model; (e) compares
     df_all, df = df, df[df.model == first]
-    d = df[df.panel == "samples"]
-    lines(ax[0], d, "n_samples")
-    ax[0].set(xlabel="log₂ #samples", title="(a) samples: ZO (± CV) vs FO")
-    d = df[df.panel == "lookahead"]
-    lines(ax[1], d, "depth")
+    lines(ax[0], df[df.panel == "samples"], "n_samples")
+    ax[0].set(xlabel="log₂ #samples", title="(a) samples: ZO (± control variate) vs FO")
+    lines(ax[1], df[df.panel == "lookahead"], "depth")
     ax[1].set(xlabel="lookahead depth k [steps after t]", title="(b) lookahead depth")
-    d = df[df.panel == "branching"]
-    lines(ax[2], d, "nfe")
-    ax[2].set(xlabel="log₂ NFE", title="(c) branching at equal NFE (ZO, CV)")
-    d = df[df.panel == "localization"]
-    lines(ax[3], d, "n_samples")
+    lines(ax[2], df[df.panel == "branching"], "nfe")
+    ax[2].set(xlabel="log₂ NFE", title="(c) Branch-GRPO trees at equal NFE (ZO, CV)")
+    lines(ax[3], df[df.panel == "localization"], "n_samples")
     ax[3].set(xlabel="log₂ #samples", title="(d) stochasticity localisation")
     d = df_all[(df_all.panel == "samples") & df_all.estimator.isin(
         ["ZO w/ control variate", "ZO exp-tilted weights", "FO current-state (DPS)", "FO next-state (Stein)"])]
+    ax[4].set(title="(e) base model vs exact-score rollouts", xlabel="log₂ #samples")
     if d.model.nunique() > 1:
-        lines(ax[4], d, "n_samples")
-        ax[4].set(title="(e) base model vs exact-score rollouts")
+        lines(ax[4], d, "n_samples", label_fn=lambda e, m: f"{e} [{m}]", model_ls={"exact": "-", "base": ":"})
     else:
         ax[4].text(0.5, 0.5, "base checkpoint not available:\nexact-score rollouts only", ha="center",
                    va="center", transform=ax[4].transAxes)
-        ax[4].set(title="(e) base model vs exact-score rollouts")
-    ax[4].set_xlabel("log₂ #samples")
-    for a in ax:
+    for a in list(ax)[:5]:
         a.set_yscale("log")
         a.set_ylabel("RMSE of Ψ̂ [score units]")
-        a.grid(alpha=0.3)
         if a.lines:
-            a.legend(fontsize=6)
-    fig.tight_layout()
+            a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=style.FONT - 1.5)
+    h, lab = style.family_handles()
+    ax[5].set_axis_off()
+    ax[5].legend(h + [plt.Line2D([], [], color="0.3", ls=":", marker="o")],
+                 lab + ["(e) only: dotted = rollouts of the base network"], loc="center", title="style")
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(paths[0], dpi=style.DPI)
     fig.savefig(paths[1])
     plt.close(fig)
     return paths
@@ -383,7 +396,9 @@ def plot(df: pd.DataFrame, out_dir, name: str = "estimator_study") -> list[Path]
 def caption(info: dict) -> str:
     return (
         f"Estimator study on gmm (RSM Figure 2 analogue). RMSE (score units, √mean over {info['n_points']} fixed "
-        f"points of ‖Ψ̂ − Ψ‖²; error bars: std of the per-point error) of value-guidance estimates at step "
+        f"points of ‖Ψ̂ − Ψ‖²; error bars: ±1 std over the points of the per-point error ‖Ψ̂_p − Ψ_p‖, the lower "
+        f"bar cut at 10 % of the RMSE on the log axis; markers dodged sideways so that bars do not overlap) of "
+        f"value-guidance estimates at step "
         f"{info['step']} of the task's 20-step DDPM grid (timestep {info['timestep']}, ᾱ_t = {info['alphabar']:.4f}, "
         f"the grid point nearest ᾱ_t = 0.01), against the exact Ψ_t of the tilted mixture. Rollouts from x_t use the "
         f"exact mixture score ('exact': no model error) and, where available, the pretrained base network ('base'; "
@@ -394,7 +409,9 @@ def caption(info: dict) -> str:
         f"(log₂ n ∈ {list(info['log2_n'])}, scaled down from the paper's 4…16 for a 2-core CPU); (b) lookahead depth k "
         f"(FO: k ODE steps then Tweedie; ZO: reward of x̂0 k steps after t); (c) Branch-GRPO trees (#split, #branch) at "
         f"equal NFE; (d) one SDE step then ODE vs full SDE, against the exact Ψ and against each sampler's own "
-        f"4×-larger-sample reference (variance only); (e) base vs exact rollouts. Runtime {info['seconds']:.0f} s."
+        f"4×-larger-sample reference (variance only); (e) base vs exact rollouts (dotted: the base network's "
+        f"rollouts). Zeroth-order estimators are solid lines with filled markers, first-order dashed with open "
+        f"markers. Runtime {info['seconds']:.0f} s."
     )
 
 

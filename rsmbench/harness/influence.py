@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from rsmbench.core import method as registry
+from rsmbench.core import style
 from rsmbench.core.models import Policy
 from rsmbench.core.process import make_process
 from rsmbench.core.rsm import elementwise_mean
@@ -127,50 +128,49 @@ CAPTION = (
     "exact chain Jacobian, so their κ is the RMS ratio 2·C1·γ·rms(ψ)/rms(∇_{x_N} r). Flow t = 1 (log-SNR = −∞) "
     "is drawn at the left edge. κ includes each preset's reward scale λ, so only h compares across methods. "
     "Methods that train a random step per batch (ReFL's window, AlignProp's random truncation) show the steps "
-    "drawn in the one batch collected here (seed 0); DRaFT-1 trains only the last step."
+    "drawn in the one batch collected here (seed 0); DRaFT-1 trains only the last step. Each method keeps its "
+    "colour and marker of every report figure; zeroth-order methods are solid with filled markers, first-order dashed "
+    "with open markers (on the 50-step grid a marker every 5th step)."
 )
 
 
 def plot(df: pd.DataFrame, out_dir, name: str = "influence") -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """κ(t) (top, log scale) and h(t) (bottom) per real grid; every method in its fixed style
+    (``rsmbench.core.style``: colour and marker of its own, zeroth-order solid/filled, first-order
+    dashed/open), one legend under the panels."""
+    style.use()
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [k for k in ("diffusion", "flow") if k in set(df.process)]
-    fig, axes = plt.subplots(2, len(kinds), figsize=(6.2 * len(kinds) + 2.4, 7.0), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    ids = sorted(df.method.unique())
-    colors = {mid: cmap(j % 20) for j, mid in enumerate(ids)}
+    fig, axes = plt.subplots(2, len(kinds), figsize=(style.WIDTH, 7.4), squeeze=False, layout="constrained")
+    handles = {}
     for c, kind in enumerate(kinds):
         sub = df[df.process == kind]
         x_all = sub.log_snr.to_numpy()
         finite = x_all[np.isfinite(x_all)]
         left = finite.min() - 0.6 * (finite.max() - finite.min()) / max(len(np.unique(finite)), 1)
         for mid, g in sub.groupby("method"):
+            st = style.method_style(mid)
             x = np.where(np.isfinite(g.log_snr), g.log_snr, left)
-            style = "-" if g.order.iloc[0] == "zeroth" else "--"
             k = np.where(g.kappa > 0, g.kappa, np.nan)
-            axes[0, c].plot(x, k, style, marker="o", ms=3, color=colors[mid], label=f"{mid} ({g.order.iloc[0][0]}o)")
-            axes[1, c].plot(x, g.h, style, marker="o", ms=3, color=colors[mid], label=mid)
+            many = len(g) > 20  # the 50-step grid: a marker on every 5th step keeps the lines legible
+            kw = st.line(ms=4, lw=1.3, markevery=5 if many else 1)
+            (ln,) = axes[0, c].plot(x, k, **kw)
+            axes[1, c].plot(x, g.h, **kw)
+            handles.setdefault(f"{mid} ({'zo' if st.filled else 'fo'})", ln)
         axes[0, c].set_yscale("log")
         axes[0, c].set_title(f"{kind} ({'SD1.5 50-step DDPM' if kind == 'diffusion' else 'SD3.5 10-step SDE'})")
         axes[0, c].set_ylabel("κ(t) [native units per unit G]")
         axes[1, c].set_ylabel("h(t) = κ/Σκ [fraction]")
-        axes[1, c].set_xlabel("log-SNR [nats]" + (" (t = 1 at left edge)" if kind == "flow" else ""))
-        for ax in axes[:, c]:
-            ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes[0]:
-        for h_, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h_)
+        axes[1, c].set_xlabel("log-SNR [nats]" + (" (t = 1 at the left edge)" if kind == "flow" else ""))
     labels = sorted(handles)
-    fig.legend([handles[k] for k in labels], labels, fontsize=7, loc="center right", title="method (zo/fo)")
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fh, fl = style.family_handles()
+    fig.legend([handles[k] for k in labels] + fh, labels + fl, loc="outside lower center", ncol=4,
+               fontsize=style.FONT - 1)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(paths[0], dpi=style.DPI)
     fig.savefig(paths[1])
     plt.close(fig)
     return paths

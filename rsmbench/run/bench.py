@@ -205,12 +205,20 @@ def execute_parallel(runs, workers: int, progress: bool = True, log=print, retry
     per-run locks and the sqlite store are safe under concurrent writers."""
     if workers <= 1 or len(runs) <= 1:
         return execute(runs, progress, log, retry_failed, experiment=experiment, tags=tags)
-    bar = _bar(len(runs), progress)
     order = {config_hash(rc): k for k, rc in enumerate(runs)}
-    records = []
+    tracker, records, todo = tracking.Tracker(), [], []
+    for rc in runs:  # runs done before are answered here: a re-run that skips everything spawns nothing
+        rec = _previous(tracker, rc, config_hash(rc), _NoBar(), log, retry_failed, experiment)
+        (records.append(rec) if rec else todo.append(rc))
+    if not todo:
+        return sorted(records, key=lambda r: order[r["config_hash"]])
+    bar = _bar(len(runs), progress)
+    bar.update(len(records))
+    bar.set_postfix_str(f"{len(records)} done before, skipped; starting {min(workers, len(todo))} worker "
+                        "processes (importing torch takes a few seconds)")
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as ex:
-        futures = [ex.submit(execute, [rc], False, _quiet, retry_failed, None, experiment, tags) for rc in runs]
+        futures = [ex.submit(execute, [rc], False, _quiet, retry_failed, None, experiment, tags) for rc in todo]
         for f in as_completed(futures):
             (rec,) = f.result()
             if rec["status"] in ("failed", "diverged"):
@@ -226,13 +234,12 @@ def _quiet(*a, **k):
     pass
 
 
-def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, experiment=None) -> dict:
-    """Rank 0: the record of a planned run: skipped (FINISHED before), failed (stopped on a NaN before,
-    not retried), resumed (its MLflow run reopened) or new (an MLflow run created, its spec logged)."""
+def _previous(tracker, rc, chash, bar, log, retry_failed=False, experiment=None) -> dict | None:
+    """The record of a run that is not to be trained again: skipped (FINISHED before) or diverged before
+    (not retried); None otherwise."""
     name = run_name(rc)
     rec = {"config_hash": chash, "rc": rc, "name": name}
-    exp = tracker.experiment(experiment or rc["task"])
-    prev = tracker.find_run(exp, chash)
+    prev = tracker.find_run(tracker.experiment(experiment or rc["task"]), chash)
     if prev is not None and prev.info.status == "FINISHED":
         rec.update(run_id=prev.info.run_id, status="skipped")
         bar.set_postfix_str(f"{name}: done, skipped")
@@ -242,6 +249,19 @@ def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, 
         log(f"DIVERGED {name} (earlier run, not re-run; --retry-failed re-runs it): {err}", file=sys.stderr)
         rec.update(run_id=prev.info.run_id, status="diverged", error=err, diverged=int(prev.data.tags["diverged"]))
         return rec
+    return None
+
+
+def _open_run(tracker, rc, chash, env_tags, root, bar, log, retry_failed=False, experiment=None) -> dict:
+    """Rank 0: the record of a planned run: skipped (FINISHED before), failed (stopped on a NaN before,
+    not retried), resumed (its MLflow run reopened) or new (an MLflow run created, its spec logged)."""
+    rec = _previous(tracker, rc, chash, bar, log, retry_failed, experiment)
+    if rec is not None:
+        return rec
+    name = run_name(rc)
+    rec = {"config_hash": chash, "rc": rc, "name": name}
+    exp = tracker.experiment(experiment or rc["task"])
+    prev = tracker.find_run(exp, chash)
     m = registry.get(rc["method"])
     ckpt = root / "runs" / chash
     if prev is not None:

@@ -65,7 +65,7 @@ class Evaluator:
         self.dim = int(np.prod(shape))
         self.base = self._sample(ref)
         self.base_feat = _features(reward, self.base.final)
-        self.base_extra = {}
+        self.base_extra, self._base_rewards = {}, None
         if gt is not None:  # J* = α·log E_base[exp(r/α)]: log-mean-exp over ``jstar_samples`` base samples
             n_star = int(ev.get("jstar_samples") or 0)
             more = [self._sample(ref, range(n + k, min(n + k + 8192, n_star))).final
@@ -94,12 +94,22 @@ class Evaluator:
         return total
 
     @torch.no_grad()
-    def __call__(self, policy, at_base: bool = False) -> tuple[dict, torch.Tensor]:
-        """Eval metrics of `policy` and its final samples. ``at_base``: the caller guarantees that
-        θ = the base model (iteration 0), whose samples on the pinned seeds are already ``self.base``."""
+    def base_rewards(self) -> torch.Tensor:
+        """The per-sample rewards of the base model's eval samples (``self.base``), computed once."""
+        if self._base_rewards is None:
+            self._base_rewards = self.reward(self.base.final, self.base.cond).detach().double().cpu()
+        return self._base_rewards
+
+    @torch.no_grad()
+    def __call__(self, policy, at_base: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(eval metrics, final samples, their per-sample rewards) of `policy`. ``at_base``: the caller
+        guarantees that θ = the base model (iteration 0), whose samples on the pinned seeds are already
+        ``self.base``."""
         ro = self.base if at_base else self._sample(policy)
         x = ro.final
         r = self.reward(x, ro.cond).detach().double()
+        if at_base:
+            self._base_rewards = r.cpu()
         feat = _features(self.reward, x)
         out = {"eval/reward_mean": r.mean().item(), "eval/reward_std": r.std().item(),
                "eval/diversity": diversity(feat), "eval/prior_frechet": frechet(feat, self.base_feat)}
@@ -111,34 +121,149 @@ class Evaluator:
             gm = self.gt.run_metrics(x, out["eval/reward_mean"], out.get("eval/kl_ref", 0.0),
                                      self.base_extra["J_star_model"])
             out.update({f"eval/{k}": v for k, v in gm.items()})
-        return out, x
+        return out, x, r.cpu()
 
 
-def plot_samples(path: Path, x: torch.Tensor, title: str, base=None, target=None) -> None:
-    """A PNG of the eval samples: a scatter plot for 2-D data, an image grid otherwise."""
+def grid_indices(cond: torch.Tensor, n: int = 16) -> list[int]:
+    """The eval samples an image grid shows: up to `n`, the first of each prompt in turn (so every
+    prompt appears), the same indices (seeds) at every eval."""
+    ids = cond.tolist()
+    order = list(dict.fromkeys(ids))
+    per = {c: [i for i, v in enumerate(ids) if v == c] for c in order}
+    out, k = [], 0
+    while len(out) < min(n, len(ids)):
+        for c in order:
+            if k < len(per[c]) and len(out) < n:
+                out.append(per[c][k])
+        k += 1
+    return out
+
+
+def sample_view(x: torch.Tensor, rewards: torch.Tensor, cond: torch.Tensor, names, label: str, to_images=None,
+                base=None, target=None) -> dict:
+    """What one sample panel shows (the arguments of ``plot_samples``): for images, the grid's samples
+    with "prompt | reward" captions (TRL's convention; prompt names from the task's ``prompts.names``);
+    for 2-D data every sample with the base model's and the exact target's."""
+    if x.dim() == 2 and to_images is None:
+        return dict(x=x, label=label, rewards=rewards, base=base, target=target)
+    idx = grid_indices(cond, 16)
+    imgs = to_images(x[idx]) if to_images is not None else x[idx]
+    names = list(names or [])
+    caps = [f"{_short(names[c] if c < len(names) else f'prompt {c}')} | {float(rewards[i]):.2f}"
+            for i, c in zip(idx, cond[idx].tolist())]
+    return dict(x=imgs, label=label, captions=caps)
+
+
+def _short(prompt: str, n: int = 22) -> str:
+    """A prompt cut to fit above a grid cell, with an ellipsis when cut."""
+    return prompt if len(prompt) <= n else prompt[: n - 1].rstrip() + "…"
+
+
+def plot_samples(path: Path, x: torch.Tensor, title: str, base=None, target=None, rewards=None, captions=None,
+                 label: str = "") -> None:
+    """A PNG of the eval samples: a scatter plot for 2-D data, an image grid (each image captioned
+    ``prompt | reward``) otherwise."""
+    plt = _plt()
+    fig = plt.figure(figsize=_size(x, 1), dpi=90, layout="constrained")
+    grid = x.dim() != 2  # an image grid's label goes in the figure's title (a scatter has its own)
+    _panel(fig, dict(x=x, base=base, target=target, rewards=rewards, captions=captions,
+                     label="" if grid else label), None)
+    fig.suptitle(f"{title}, {label}" if grid and label else title, fontsize=9)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_first_vs_last(path: Path, first: dict, last: dict, title: str) -> None:
+    """The iteration-0 and the final panel side by side, on the same eval seeds (and, for 2-D data,
+    the same axes); `first`, `last`: ``sample_view`` dicts."""
+    plt = _plt()
+    fig = plt.figure(figsize=_size(first["x"], 2), dpi=90, layout="constrained")
+    left, right = fig.subfigures(1, 2, wspace=0.04)
+    frame = _frame(first, last) if first["x"].dim() == 2 else None
+    _panel(left, first, frame)
+    _panel(right, last, frame)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = x.detach().float().cpu()
+    return plt
+
+
+def _size(x, n: int) -> tuple[float, float]:
     if x.dim() == 2:
-        fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=90)
-        for pts, c, lab in ((target, "tab:green", "exact target"), (base, "tab:gray", "base"), (x, "tab:red", "model")):
-            if pts is not None:
-                p = pts[:1024].float()
-                ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.35, c=c, label=lab)
-        ax.set_xlim(-7, 7), ax.set_ylim(-6, 8), ax.legend(loc="upper right", fontsize=7, markerscale=4)
-    else:
-        n = min(16, len(x))
-        imgs = ((x[:n].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-        cols = 4
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2), dpi=90, squeeze=False)
-        for k, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if k < n:
-                ax.imshow(imgs[k].squeeze(), cmap="gray" if imgs[k].shape[-1] == 1 else None)
-    fig.suptitle(title, fontsize=8)
-    fig.savefig(path)
-    plt.close(fig)
+        return 4.6 * n, 5.3
+    rows = math.ceil(min(16, len(x)) / 4)
+    return 6.0 * n, 1.65 * rows + 0.6
+
+
+def _frame(*views) -> tuple:
+    """Axis limits from the base model's and the exact target's samples (the model's when neither is
+    given), padded: a model that leaves them is counted, not rescaled into a dot."""
+    refs = [v[k] for v in views for k in ("target", "base") if v.get(k) is not None]
+    pts = torch.cat([r.detach().float().cpu()[:, :2] for r in refs]) if refs else \
+        torch.cat([v["x"].detach().float().cpu() for v in views])
+    pts = pts[torch.isfinite(pts).all(1)]
+    if not len(pts):
+        return (-1.0, 1.0), (-1.0, 1.0)
+    lo, hi = torch.quantile(pts, 0.001, dim=0), torch.quantile(pts, 0.999, dim=0)
+    pad = 0.15 * (hi - lo).clamp_min(1e-3)
+    return (float(lo[0] - pad[0]), float(hi[0] + pad[0])), (float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+
+
+def _panel(fig, view: dict, frame) -> None:
+    x = view["x"].detach().float().cpu()
+    if x.dim() == 2:
+        _scatter(fig.subplots(), view, frame or _frame(view))
+        return
+    n = min(16, len(x))
+    imgs = ((x[:n].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    cols = min(4, n)
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
+    caps = view.get("captions") or []
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(imgs[k].squeeze(), cmap="gray" if imgs[k].shape[-1] == 1 else None)
+            if k < len(caps):
+                ax.set_title(caps[k], fontsize=6.5, pad=2)
+    if view.get("label"):
+        fig.suptitle(view["label"], fontsize=8.5)
+
+
+def _scatter(ax, view: dict, frame) -> None:
+    (x0, x1), (y0, y1) = frame
+    x = view["x"].detach().float().cpu()
+    refs = ((view.get("target"), "tab:green", "exact target"), (view.get("base"), "tab:gray", "base model"))
+    for pts, c, lab in refs:
+        if pts is not None:
+            p = pts[:2048].detach().float().cpu()
+            ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.3, c=c, label=lab, rasterized=True)
+    finite = torch.isfinite(x).all(1)
+    inside = finite & (x[:, 0] >= x0) & (x[:, 0] <= x1) & (x[:, 1] >= y0) & (x[:, 1] <= y1)
+    p = x[inside][:2048]
+    ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.45, c="tab:red", label="model", rasterized=True)
+    n_out = int((~inside).sum())
+    if n_out:  # outside the frame: drawn on it as ✕, and counted
+        q = x[~inside & finite][:512]
+        ax.scatter(q[:, 0].clamp(x0, x1), q[:, 1].clamp(y0, y1), marker="x", s=18, c="tab:red", clip_on=False,
+                   label="model, outside the axes (on the frame)")
+        n_nan = int((~finite).sum())
+        ax.text(0.5, 0.02, f"{n_out} of {len(x)} model samples outside the axes"
+                + (f" ({n_nan} not finite)" if n_nan else "") + f"; max |x| = {x[finite].abs().max():.3g}"
+                if finite.any() else f"{n_out} of {len(x)} model samples not finite",
+                transform=ax.transAxes, ha="center", va="bottom", color="tab:red", fontsize=8,
+                bbox=dict(facecolor="white", edgecolor="tab:red", alpha=0.9))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect("equal", adjustable="box")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=7, markerscale=3, frameon=False)
+    r = view.get("rewards")
+    mean = f" | mean reward {float(r.double().mean()):.3f} over {len(r)} samples" if r is not None else ""
+    ax.set_title((view.get("label") or "") + mean, fontsize=8.5)

@@ -93,7 +93,7 @@ def pretrain(task_cfg, kind: str, log=print) -> tuple[torch.nn.Module, dict]:
 # ---- command line ----------------------------------------------------------------------------------
 def add_parser(sub):
     p = sub.add_parser("pretrain", help="train a task's tiny base models (fixed seed) and save the checkpoints")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="a task of tasks/ (rsmbench list tasks)")
     p.add_argument("--process", default="all", help="comma-separated processes (default: all of the task's)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(run=_run)

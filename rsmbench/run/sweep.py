@@ -86,9 +86,11 @@ class Point:
 
 def load(path) -> dict:
     p = Path(path)
+    if not p.is_file() and (paths.sweeps_dir() / f"{path}.yaml").is_file():  # a shipped sweep's name
+        p = paths.sweeps_dir() / f"{path}.yaml"
     if not p.is_file():
         sweeps = sorted(str(q) for q in paths.sweeps_dir().glob("*.yaml"))
-        raise SweepError(f"no sweep file {str(path)!r}; the shipped sweeps are: {', '.join(sweeps)}")
+        raise SweepError(f"no sweep file {str(path)!r}; the shipped sweeps (also by name) are: {', '.join(sweeps)}")
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
     except Exception as e:  # noqa: BLE001 - any YAML/omegaconf error is the user's file
@@ -258,12 +260,13 @@ def dry_run_table(points: list[Point]) -> str:
 
 def add_parser(sub):
     p = sub.add_parser("sweep", help="run the Cartesian product of a sweep file's axes (MLflow run per point)")
-    p.add_argument("file", help="sweep YAML, e.g. tasks/sweeps/estimators.yaml")
-    p.add_argument("--workers", type=int, default=1, help="parallel points (local launcher; ≤ cores)")
-    p.add_argument("--launcher", choices=["local", "ray"], default="local")
+    p.add_argument("file", help="a sweep YAML file, or the name of a shipped sweep (rsmbench list sweeps)")
+    p.add_argument("--workers", type=int, default=1, help="parallel points (local launcher; ≤ cores; default: 1)")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="run the points in local processes or as Ray tasks (default: local)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start/attach locally)")
-    p.add_argument("--cpus-per-point", type=int, default=1, help="CPUs each Ray task asks for")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of the file's task axis")
+    p.add_argument("--cpus-per-point", type=int, default=1, help="CPUs each Ray task asks for (default: 1)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the file's tasks (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the points and the budget; run nothing")
     p.set_defaults(run=_run)
 

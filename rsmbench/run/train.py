@@ -34,9 +34,9 @@ from rsmbench.core import method as registry
 from rsmbench.core.method import FORMULATIONS, Context, formulation_loss
 from rsmbench.core.models import Policy
 from rsmbench.run import budget as budgets
-from rsmbench.run import distributed, setup
+from rsmbench.run import distributed, fullscale, setup
 from rsmbench.run.accounting import Counters, CountingReward
-from rsmbench.run.evaluate import plot_samples
+from rsmbench.run.evaluate import plot_first_vs_last, plot_samples, sample_view
 from rsmbench.run.resume import load_state, save_state
 
 
@@ -109,27 +109,43 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     hp = dict(spec["hp"])
     micro_rows = int(tr.get("micro_rows") or 0)  # gradient accumulation over row chunks
 
-    def evaluate(it: int) -> dict:
+    names = prompt_names(spec)
+
+    def evaluate(it: int, last: bool = False) -> dict:
         if not dist.is_main:
             return {}
         net.eval()
-        ev, x = evaluator(Policy(net, S.eval_process, cfg_scale), at_base=it == 0)  # θ = base at iteration 0
+        ev, x, r = evaluator(Policy(net, S.eval_process, cfg_scale), at_base=it == 0)  # θ = base at iteration 0
         ev["iteration"] = it
         if gt is not None and it == 0 and log_reference is not None:
             log_reference(dict(evaluator.base_extra))
-        if ckpt_dir is not None:
+        if ckpt_dir is not None:  # samples_<it>.png at every eval; iteration 0 beside the final one at the end
+            title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']})"
+            ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
+            view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts)
             png = ckpt_dir / f"samples_{it:06d}.png"
-            title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']}) iteration {it}"
-            if S.to_images is not None:
-                plot_samples(png, S.to_images(x), title)
-            else:
-                plot_samples(png, x, title, base=evaluator.base.final, target=None if gt is None else gt.exact_a)
+            plot_samples(png, title=title, **view)
             log_artifact(png)
+            last_view.update(it=it, view=view, title=title, refs=ref_pts)
+            if last:
+                first_vs_last(f"{title}: the same eval seeds at iteration 0 and {it}")
         return ev
+
+    last_view = {}  # the latest eval's sample view: a diverged run shows it beside iteration 0
+
+    def first_vs_last(title: str):
+        first = sample_view(evaluator.base.final, evaluator.base_rewards(), evaluator.cond, names,
+                            "iteration 0 (base model)", S.to_images, **last_view["refs"])
+        png = ckpt_dir / "samples_first_vs_last.png"
+        plot_first_vs_last(png, first, last_view["view"], title)
+        log_artifact(png)
 
     def flush_and_stop(e: Diverged):
         for step, mm in pending:  # the history up to the last sane iteration is kept
             log_metrics(mm, step)
+        if dist.is_main and ckpt_dir is not None and last_view and last_view["it"] > 0:
+            first_vs_last(f"{last_view['title']}: iteration 0 and {last_view['it']}, its last eval; "
+                          f"DIVERGED at iteration {e.iteration}")
         raise e
 
     if start == 0:
@@ -210,7 +226,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         if done or (points and counters.reward_queries >= points[0]):
             while points and counters.reward_queries >= points[0]:
                 points.pop(0)
-            final_eval = evaluate(it)
+            final_eval = evaluate(it, last=done)
             metrics.update(final_eval)
         try:
             guard(metrics, it)
@@ -233,6 +249,14 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     if spec["budget"]["mode"] == "matched" and counters.reward_queries > budget * 1.01 and stop_after is None:
         raise Overspent(f"spent {counters.reward_queries} reward queries, more than 1 % over the budget {budget}")
     return RunResult(iterations=it, counters=counters, final_eval=final_eval)
+
+
+def prompt_names(spec: dict) -> list[str]:
+    """The names of the prompt ids (the task's ``prompts.names``; at full scale its prompt list)."""
+    p = spec.get("prompts") or {}
+    if p.get("names"):
+        return [str(n) for n in p["names"]]
+    return fullscale.load_prompts(p["list"]) if p.get("list") else []
 
 
 def row_chunks(batch, max_rows: int, total_rows: int | None = None):
