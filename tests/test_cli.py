@@ -41,7 +41,7 @@ def test_list_each_kind(capsys):
     out = capsys.readouterr().out
     assert out.split("\n")[0].split() == ["method", "order", "processes", "equivalence", "kind", "presets"]
     ddpo = next(line.split() for line in out.splitlines() if line.startswith("ddpo "))
-    assert ddpo == ["ddpo", "zeroth", "diffusion", "grad_at_behaviour", "1"]
+    assert ddpo == ["ddpo", "zeroth", "diffusion", "grad_at_behaviour", "2"]  # aesthetic, compressibility
     assert main(["list", "presets"]) == 0
     assert any(line.split()[:2] == ["ddpo", "ddpo_pytorch"] and "kvablack/ddpo-pytorch" in line
                for line in capsys.readouterr().out.splitlines())
