@@ -16,6 +16,7 @@ holds, plus this call's runs, and goes to ``reports/<task>/summary.md``.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -71,9 +72,17 @@ def run(args) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     dist = distributed.make()  # N processes under accelerate launch / torchrun, else one
     t0 = time.time()
-    if dist.is_main and not args.no_progress:  # planning loads the reward and the base models: seconds
-        _log(f"bench {args.task}: planning (task, reward, base models, budgets) ...", file=sys.stderr)
-    cfg, specs = bench.plan(args)
+    # planning loads the reward and the base models (seconds to minutes): a word if it takes more than 3 s,
+    # none before a quick one-line error
+    note = threading.Timer(3.0, _log, (f"bench {args.task}: planning (loading the reward and base models) ...",),
+                           {"file": sys.stderr})
+    note.daemon = True
+    if dist.is_main and not args.no_progress:
+        note.start()
+    try:
+        cfg, specs = bench.plan(args)
+    finally:
+        note.cancel()
     covered = specs + [s for s in default_specs(cfg, args) if s not in specs]
     log = _log if dist.is_main else (lambda *a, **k: None)
     if getattr(args, "profile_note", None):
