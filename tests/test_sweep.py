@@ -103,3 +103,24 @@ def test_ray_launcher_against_a_local_ray_instance(tmp_path, capsys):
         ray.shutdown()
     tr = tracking.Tracker()
     assert len(tr.runs(tr.experiment("gmm"), "tags.sweep = 'two'")) == 2
+
+
+def test_sweep_points_are_planned_as_the_bench_plans_them(tmp_path):
+    """A sweep point of a method that costs 11 reward queries per sample (VGG-Flow: a reward gradient per
+    trained row) at a budget of 640 is one cut iteration of 58 samples (638 queries), not a full
+    iteration of 64 (704: the run would stop as overspent)."""
+    p = _write(tmp_path, """
+        name: cut
+        tasks: [gmm]
+        seeds: [0]
+        overrides: [budget.reward_queries=640, eval.points=1]
+        axes:
+          estimator:
+            fo_current_state: {method: vgg_flow}
+    """)
+    cfg = sweep.load(p)
+    (pt,) = sweep.expand(cfg)
+    _, rc = sweep.run_config(pt, cfg)
+    sched = rc["budget"]["schedule"]
+    assert sched["queries_per_sample"] == 11.0
+    assert sched["iterations"] == 1 and sched["last_samples"] == 58 and sched["planned_queries"] == 638.0

@@ -52,7 +52,7 @@ from omegaconf import OmegaConf
 from rsmbench.core import method as registry
 from rsmbench.core.params import Param, check_keys, did_you_mean
 from rsmbench.errors import CheckpointError, SweepError, TaskError, UserError
-from rsmbench.run import bench, paths, tasks, tracking
+from rsmbench.run import bench, budget, paths, tasks, tracking
 from rsmbench.run.bench import applies
 from rsmbench.run.runspec import run_spec
 
@@ -200,7 +200,9 @@ def run_config(pt: Point, cfg: dict):
     tc = _task_cfg(pt, cfg)
     rc = run_spec(tc, pt.method, pt.formulation, pt.process, pt.seed)
     rc["sweep"] = {"name": cfg["name"], **pt.levels}
-    return tc, rc
+    # the point's iterations at its measured cost, the last one cut to fit (as the bench plans them):
+    # an estimator that changes a method's queries per sample still spends the budget, never more
+    return tc, budget.plan([rc], check=False)[0]
 
 
 def _validate(pt: Point, cfg: dict) -> tuple[str, int]:
