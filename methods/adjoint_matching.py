@@ -32,7 +32,7 @@ elements without the ½; here ½⟨·⟩ (a constant scale 2/D, the suite's per-
 code evaluates m at the current θ, which in its on-policy loop is θ†: here m is fixed at θ†. The
 reference config trains without CFG (``guidance_in_adjoint_computation/control: false``) and with
 ``prompt_dropout 0.2``; CFG is a task setting here and prompt dropout is not modelled.
-Table 1 row: not a Table 1 row (digest §8.11: "loss ½‖u_θ + σᵀã‖², C1 ∝ σσᵀ weighting with
+Table 1 row: not a Table 1 row (derivations §8.11: "loss ½‖u_θ + σᵀã‖², C1 ∝ σσᵀ weighting with
 Ψ̂ = −ã (up to units)").
 Equivalence kind: ``loss`` (identical losses for every θ, given the batch's ã and m):
     ½⟨(B_k(o_θ − o_ref)/σ_k + σ_kã)²⟩ = (w_k²/2)·⟨(o_θ − o_ref − σ_k²·(−ã)/B_k)²⟩
@@ -100,7 +100,7 @@ class AdjointMatching(Method):
                  "c1": 'w²/2 (native) ∝ σσᵀ, anchor s_ref (× the loss-clip mask)', "c2": '0', "branching": False,
                  "current_state": False}
     paper = "Domingo-Enrich et al. 2024, arXiv 2409.08861, §4 (lean adjoint ODE, Adjoint Matching loss)"
-    table1 = "not a Table 1 row (digest §8.11)"
+    table1 = "not a Table 1 row (derivations §8.11)"
     kind_reason = ("loss identity for all θ given the batch's lean adjoint and clip mask (fixed at θ†); "
                    "optimality needs a memoryless schedule")
     defaults = {"reward_scale": hp(1.0, gt=0), "adjoint_time": hp("current", choices=("current", "next")),

@@ -26,7 +26,7 @@ Code, two versions with two truncation rules (``truncation``):
 Draws come from a generator seeded by ``k_seed`` + the batch's first seed and are stored in the batch.
 Both versions: ``loss_coeff = 0.01``; the aesthetic loss is |aesthetic_target − r| with target 10
 (HPS: 1 − r); the per-sample losses are averaged (``loss.sum()/batch_size``).
-Table 1 row: not a Table 1 row (digest §8.11: "as DRaFT, with random truncation").
+Table 1 row: not a Table 1 row (derivations §8.11: "as DRaFT, with random truncation").
 Equivalence kind: ``grad_at_behaviour``; the RSM instance is DRaFT's (methods/draft.py) on the
 trained steps: Ψ̂/a = ω·λ·B_i·a_{i+1} with a the adjoint of the original's own graph (detached steps
 pass A_i·a only), γ = 1, C1·a² = D·K/2 (K = trained steps per sample), C2 = 0, anchor s_θ†,
@@ -54,7 +54,7 @@ class AlignProp(RewardBackprop):
     table_row = {"psi": 'as DRaFT, trained steps drawn per iteration', "gamma": '1 on the trained steps',
                  "c1": 'D·K/2 (native), anchor s_θ†', "c2": '0', "branching": False, "current_state": False}
     paper = "Prabhudesai et al. 2023, arXiv 2310.03739, Eq. 3 and §3 (randomized truncation, checkpointing)"
-    table1 = "not a Table 1 row (digest §8.11)"
+    table1 = "not a Table 1 row (derivations §8.11)"
     defaults = {"truncation": hp("per_step", choices=TRUNCATIONS), "k_min": hp(0, ge=0),
                 "k_max": hp(None, type=int, ge=0),  # None: the process's N
                 "k_mean": hp(42.0), "k_std": hp(5.0, ge=0), "k": hp(1, ge=1), "k_seed": hp(0, ge=0),

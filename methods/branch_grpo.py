@@ -53,7 +53,7 @@ Rows: every stochastic transition of every node (a shared prefix is ONE row set,
 leaf); a row of node m carries A_m.
 Original (per row, mean over rows, ⟨·⟩ per-element means):
     ρ = exp(⟨log p_θ⟩ − ⟨log p_θ†⟩),  L = max(−A_m·ρ, −A_m·clip(ρ, 1 ± ε))
-RSM instance (digest §8.5, §8.8): Ψ̂/a = −A_m·ξ/w_t, γ = 1, C1·a² = w_t²/2, C2 = 0, anchor s_θ†.
+RSM instance (derivations §8.5, §8.8): Ψ̂/a = −A_m·ξ/w_t, γ = 1, C1·a² = w_t²/2, C2 = 0, anchor s_θ†.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class BranchGRPO(Method):
     table_row = {"psi": '(σ/Ω)·A_node·ξ, A from fused descendant leaves, per-depth normalised', "gamma": '1',
                  "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": 'PPO clip', "branching": True, "current_state": False}
     paper = ("BranchGRPO: Li, Wang et al. 2025, arXiv 2509.06040 (branching, reward fusion, depth-wise "
-             "advantages, pruning); DanceGRPO PPO-clip: arXiv 2505.07818, Eq. 6-8; RSM digest §8.8")
+             "advantages, pruning); DanceGRPO PPO-clip: arXiv 2505.07818, Eq. 6-8; derivations §8.8")
     table1 = "Branch-GRPO"
     kind_reason = "θ = θ† (ρ = 1, clip inactive) on every tree edge; pruning is row selection, shared by both"
     defaults = {"split_steps": hp([1, 4], items=hp(0, ge=0)), "ks": hp([2, 2], items=hp(0, ge=1)),

@@ -9,7 +9,7 @@ mean/std until a prompt has ``min_count``, population std + 1e-6), ``config/dgx.
 min_count 16 for compressibility and incompressibility, :33-36; buffer 32 / min_count 16 for aesthetic,
 :56-59). The tracker persists across batches on the method object (``state_dict`` /
 ``load_state_dict`` carry it through a checkpoint when the training loop calls them).
-Table 1 row: not a Table 1 row; it is the "PPO / GRPO / PCPO-base" row on diffusion (digest §8.5,
+Table 1 row: not a Table 1 row; it is the "PPO / GRPO / PCPO-base" row on diffusion (derivations §8.5,
 §8.11: κ = w_t in native units, i.e. Ω_t/σ_t in score units).
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (ρ = 1, so no clip binds) with on-policy
 rows, the same x_t and ξ in both losses, terminal reward. Off-policy the clip binds once
@@ -19,7 +19,7 @@ Original (per row = sample × step, mean over rows; ⟨·⟩ per-element mean lo
 ddpo-pytorch's ``ddim_step_with_logprob``):
     ρ = exp(⟨log p_θ(x'|x)⟩ − ⟨log p_θ†(x'|x)⟩),   A = clip(tracker(r), ±adv_clip_max)
     L = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))
-RSM instance (digest §8.5, KL-free: anchor s_θ†):
+RSM instance (derivations §8.5, KL-free: anchor s_θ†):
     Ψ̂/a = −A·ξ/w_t (likelihood ratio, β = 1),  γ = 1,  C1·a² = w_t²/2,  C2 = 0 (clip instead).
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ class DDPO(Method):
     table_row = {"psi": '(σ/Ω)·A·ξ, A per-prompt tracked, clipped ±5', "gamma": '1',
                  "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (PPO clip ε = 1e-4)', "branching": False,
                  "current_state": False}
-    paper = "DDPO: Black et al. 2023, arXiv 2305.13301, Eq. 4 (DDPO_IS) + PPO clip; RSM digest §8.5, §8.11"
-    table1 = "not a Table 1 row (digest §8.11): the PPO / GRPO / PCPO-base row on diffusion"
+    paper = "DDPO: Black et al. 2023, arXiv 2305.13301, Eq. 4 (DDPO_IS) + PPO clip; derivations §8.5, §8.11"
+    table1 = "not a Table 1 row (derivations §8.11): the PPO / GRPO / PCPO-base row on diffusion"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
     defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True),
                 "per_prompt_stat_tracking": True, "buffer_size": hp(32, ge=1), "min_count": hp(16, ge=1),

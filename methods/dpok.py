@@ -29,7 +29,7 @@ Deliberate deviations: DPOK takes ``p_step`` = 5 optimizer steps per sampling st
 ``policy_rows`` transitions (default: as many as the batch sampled) is made per iteration and the
 training loop's ``inner_updates`` steps all use it (the loop owns the step cadence). V is a small MLP
 on the flattened state (``rsmbench.core.advantages.ValueMLP``), not DPOK's conv ``ValueMulti``.
-Table 1 row: not a Table 1 row (digest §8.11): REINFORCE + KL reg (§8.4) with a learned baseline.
+Table 1 row: not a Table 1 row (derivations §8.11): REINFORCE + KL reg (§8.4) with a learned baseline.
 Equivalence kind: ``approximate``. The RSM instance is §8.4 with the same per-row advantage
 r − V(x_t) (a control variate: V does not depend on ξ) and the ε-MSE as a per-step KL weight:
 kl_weight·⟨(ε_θ − ε_ref)²⟩ = β_t·(w_t²/2)·⟨Δε²⟩ with β_t = 2·kl_weight/w_t², so
@@ -66,8 +66,8 @@ class DPOK(Method):
     kind = "approximate"
     table_row = {"psi": '(σ/(βΩ))·(r − V(x_t))·ξ, learned value baseline', "gamma": '1', "c1": 'β·Ω²/(2σ²)',
                  "c2": '0 (ratio clamp)', "branching": False, "current_state": False}
-    paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8, Eq. 10, Algorithm 1; RSM digest §8.4, §8.11"
-    table1 = "not a Table 1 row (digest §8.11): REINFORCE + KL reg with a learned value baseline"
+    paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8, Eq. 10, Algorithm 1; derivations §8.4, §8.11"
+    table1 = "not a Table 1 row (derivations §8.11): REINFORCE + KL reg with a learned value baseline"
     kind_reason = ("replayed rows are off-policy: DPOK's clamp(ρ, 1 ± ratio_clip) zeroes their gradient once "
                    "|ρ − 1| > ratio_clip, the RSM instance keeps them; on fresh rows (a run's first batch, the "
                    "harness's) both use the same r − V(x_t) and agree to round-off")

@@ -15,7 +15,7 @@ their LV re-noises x_0 to x̃_1 but denoises it with the *detached* noise predic
 sampling step at x_{N−1} (T2I/sd_pipeline.py:1629-1660), so its gradient reaches θ only through the
 last sampling step; here each x̃_1 is denoised by a fresh differentiable network call, as the paper
 describes DRaFT-LV.
-Table 1 row: not a Table 1 row (digest §8.11: "first-order, full-trajectory estimator with the
+Table 1 row: not a Table 1 row (derivations §8.11: "first-order, full-trajectory estimator with the
 exact Jacobian ∂x_0/∂x_t, truncated for DRaFT-K/LV; no KL").
 Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with the x_i held at their rollout values,
 
@@ -35,7 +35,7 @@ RSM instance (native units, rows = the K trained steps of every sample, or the L
     γ = 1,  C1·a² = D·K/2 (sum over K steps; D/2 for LV, which averages; D·n/2 when it sums),
     C2 = 0,  anchor s_θ†.
 (Score units: Ψ̂ = a_i·ω·λ·B_i·a_{i+1} = ω·λ·a_i²·Ω_i·a_{i+1}, C1 = D·K/(2a_i²).) The C1/Ψ̂ split is
-not identifiable for a KL-free method (digest §7.2 caveat); with σ_i > 0 the same product is the
+not identifiable for a KL-free method (derivations §7.2 caveat); with σ_i > 0 the same product is the
 Stein form Ψ̂/a = λ·σ_i²·a_{i+1}/B_i with C1·a² = D·K·w_i²/2 (w = −B/σ); we keep the pull-back form
 because it also holds on deterministic (DDIM-0 / Euler) steps where σ_i = 0.
 """
@@ -159,7 +159,7 @@ class DRaFT(RewardBackprop):
     published_processes = ("diffusion",)  # SD1.4 (arXiv 2309.17400 §5)
     influence_preset = {"diffusion": "draft_1", "flow": "draft_1"}
     paper = "Clark et al. 2023, arXiv 2309.17400, Algorithm 1 and the DRaFT-K / DRaFT-LV variants"
-    table1 = "not a Table 1 row (digest §8.11)"
+    table1 = "not a Table 1 row (derivations §8.11)"
     defaults = {"k": hp(1, ge=1, null=True),  # the last K steps trained; None: all
                 "lv_draws": hp(0, ge=0), "lv_reduce": hp("mean", choices=("mean", "sum")),
                 "reward_scale": hp(1.0, gt=0), "reward_loss": hp("neg", choices=PHI_LOSSES),

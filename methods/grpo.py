@@ -4,7 +4,7 @@ Papers: DanceGRPO, Xue et al. 2025, arXiv 2505.07818, Eq. 6–8 (GRPO on the DDI
 model; group-normalised advantages, PPO clip, no KL); Flow-GRPO, Liu et al. 2025, arXiv 2505.05470,
 Eq. 9 (SDE step) and Eq. 12 (clipped objective with β·KL). Group advantages: GRPO, Shao et al. 2024,
 arXiv 2402.03300, Eq. 3.
-Table 1 row: "PPO / GRPO / PCPO-base" (digest §7.2, §8.5, §8.11).
+Table 1 row: "PPO / GRPO / PCPO-base" (derivations §7.2, §8.5, §8.11).
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (ρ = 1, clip inactive), on-policy rows, same
 x_t and ξ, terminal reward, closed-form KL; the trained-step and zero-advantage selections are row
 selections made in ``prepare``, shared by both formulations.
@@ -28,7 +28,7 @@ settings, a hyperparameter left at None takes them):
 
 Original (per row, mean over the trained rows, ⟨·⟩ per-element means):
     ρ = exp(⟨log p_θ⟩ − ⟨log p_θ†⟩),  L = max(−A·ρ, −A·clip(ρ, 1 − ε_lt, 1 + ε_gt)) + β·KL_i
-RSM instance (digest §8.5), with β_i = β·Δt_i for Flow-GRPO's KL (it is β·Δt_i·(w_i²/2)⟨Δv²⟩) and
+RSM instance (derivations §8.5), with β_i = β·Δt_i for Flow-GRPO's KL (it is β·Δt_i·(w_i²/2)⟨Δv²⟩) and
 β_i = β for the Gaussian one:
     β > 0: Ψ̂/a = −A·ξ/(β_i·w_t), γ = 1, C1·a² = β_i·w_t²/2, C2 = 0, anchor s_ref  (as §8.4);
     β = 0: Ψ̂/a = −A·ξ/w_t,       γ = 1, C1·a² = w_t²/2,     C2 = 0, anchor s_θ†.
@@ -85,7 +85,7 @@ class GRPO(Method):
                  "c1": 'Ω²/(2σ²) anchor s_θ† (β = 0); β·Ω²/(2σ²) anchor s_ref (β > 0)', "c2": '0 (PPO clip)',
                  "branching": False, "current_state": False}
     paper = ("DanceGRPO: Xue et al. 2025, arXiv 2505.07818, Eq. 6-8; Flow-GRPO: Liu et al. 2025, "
-             "arXiv 2505.05470, Eq. 9 and Eq. 12; RSM digest §8.5")
+             "arXiv 2505.05470, Eq. 9 and Eq. 12; derivations §8.5")
     table1 = "PPO / GRPO / PCPO-base"
     kind_reason = ("θ = θ† (ρ = 1, clip inactive), on-policy rows, same x_t and ξ, terminal reward, "
                    "closed-form KL (β > 0 anchors on s_ref with β_i = β·Δt_i for Flow-GRPO's KL, β = 0 on s_θ†)")

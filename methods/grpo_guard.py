@@ -4,7 +4,7 @@ Paper: Wang, Liang, et al. 2025 (CVPR 2026), "GRPO-Guard: Mitigating Implicit Ov
 Flow Matching via Regulated Clipping", arXiv 2510.22319, §4.1 (RatioNorm: the per-step log-ratio
 is re-centred by its mean-shift bias ⟨(μ_θ − μ_θ†)²⟩/(2σ_s²) and scaled by the step std σ_s so that
 its distribution is comparable across steps) and §4.2 (gradient reweighting by 1/Δt to equalise
-steps); digest §8.10. Code: the RSM repository's ``guard`` reweight, jaylee2000/rsm@e8be3df
+steps); derivations §8.10. Code: the RSM repository's ``guard`` reweight, jaylee2000/rsm@e8be3df
 ``sd35_zeroth_order/flow_grpo/sd3_train_shared.py``:94-109 (ratio) and :147-148 (÷ Δt), with
 ``--sampler default`` (``config/sd3_matrix.py``:151-162: global_std True, timestep_fraction 0.99;
 ``scripts/train_sd3.py``:414,958 the first ⌊0.99·N⌋ transitions, :893-917 samples with all-zero
@@ -19,7 +19,7 @@ gradient there), on-policy rows, same x_t and ξ, terminal reward. Flow only.
 Original (per row, mean over rows; ⟨·⟩ per-element means; σ_s = σ̃√Δt the step std):
     ρ̂ = exp(σ_s·(log ρ + ⟨(μ_θ − μ_θ†)²⟩/(2σ_s²))),  L = max(−A·ρ̂, −A·clip(ρ̂, 1 ± ε)) / Δt_i
 First-step gradient: A·σ_s·w_t/Δt·⟨ξ·∂v⟩ = A·c_t·⟨ξ·∂v⟩, c_t = 1 + σ̃²(1−t)/(2t) (= 1 at t = 1).
-RSM instance (digest §7.2, §8.10; KL-free, anchor s_θ†):
+RSM instance (derivations §7.2, §8.10; KL-free, anchor s_θ†):
     Ψ̂/a = −A·ξ/w_t,  γ = c_t/w_t,  C1·a² = w_t²/2,  C2 = 0 (RatioNorm clip instead).
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ class GRPOGuard(Method):
     table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": 'c_t/w^b_t (= σ̃/√Δt relative to GRPO)',
                  "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": 'RatioNorm clip', "branching": False,
                  "current_state": False}
-    paper = "GRPO-Guard: Wang et al. 2025, arXiv 2510.22319, §4.1 (RatioNorm), §4.2 (1/Δt reweighting); digest §8.10"
+    paper = ("GRPO-Guard: Wang et al. 2025, arXiv 2510.22319, §4.1 (RatioNorm), §4.2 (1/Δt reweighting); "
+             "derivations §8.10")
     table1 = "GRPO-Guard"
     kind_reason = "θ = θ† (normalised ratio 1, its bias term has zero gradient), on-policy rows, same x_t and ξ"
     defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True), **RSM_SAMPLER_PARAMS}
@@ -55,7 +56,7 @@ class GRPOGuard(Method):
                             "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss "
                                       "ppo --reweight guard: flow_grpo/sd3_train_shared.py:94-109,147-148, "
                                       "config/sd3_matrix.py:151-162 (global_std True, timestep_fraction 0.99), "
-                                      "config/base.py:96-98 (adv_clip_max 5, clip_range 1e-4); digest §8.10"},
+                                      "config/base.py:96-98 (adv_clip_max 5, clip_range 1e-4); derivations §8.10"},
     }
 
     def setting(self, ctx, name):

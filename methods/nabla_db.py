@@ -4,7 +4,7 @@ Paper: Liu, Xiao, W. Liu, Bengio, Zhang, "Efficient Diversity-Preserving Diffusi
 Gradient-Informed GFlowNets" (ICLR 2025, arXiv 2412.07775), residual ∇-DB (their Eq. for the
 forward ∇-DB residual with the pretrained prior and the learned residual log-flow score).
 Code: lzzcd001/nabla-gfn ``train_nablagfn.py`` (unpruned) and the RSM repo's pruned port
-``sd15_first_order/trainer/simple_resnabladbtrainer.py`` (digest §8.3).
+``sd15_first_order/trainer/simple_resnabladbtrainer.py`` (derivations §8.3).
 Table 1 row: "Residual ∇-DB‡" († after pruning g_φ and the auxiliary losses).
 
 Original (per row = sample × DDPM step t → t'; mean over rows, the code's per-step batch mean
@@ -25,7 +25,7 @@ score s̃ = ∇_{x'} log p(x'|x) = −(x' − μ)/σ² at the sampled x', k = ``
 κ(t') = ᾱ_{t'} ('squared'). The reverse term's ∇_x log p_θ is graph-free in the code
 (``allow_2nd=False``), so the reverse and terminal losses train only g_φ.
 
-RSM instance (digest §8.3): x' cancels in s̃_θ − s̃_ref = (B/σ²)·(ε_θ − ε_ref), so
+RSM instance (derivations §8.3): x' cancels in s̃_θ − s̃_ref = (B/σ²)·(ε_θ − ε_ref), so
     Ψ̂ = (σ²/Ω)·λ·G (native Ψ̂/a = λσ²G/B, ``stein_shift``),  γ = κ(t')/k,
     C1 = fls·(k·Ω/σ²)² (native fls·(kB/σ²)²),  C2 = unet_reg·(1−ᾱ_t) (native unet_reg),  anchor s_ref.
 
@@ -65,7 +65,7 @@ class ResidualNablaDB(Method):
     kind = "loss"
     table_row = {"psi": '(σ²/Ω)·λ·∇_{x_{t−1}} r(x̂₀(x_{t−1}))', "gamma": "ᾱ_{t−1} ('squared')",
                  "c1": '(Ω/σ²)²', "c2": 'unet_reg·(1−ᾱ_t)', "branching": False, "current_state": True}
-    paper = "Residual ∇-DB (∇-GFlowNet): Liu et al. 2025, arXiv 2412.07775; RSM digest §8.3"
+    paper = "Residual ∇-DB (∇-GFlowNet): Liu et al. 2025, arXiv 2412.07775; derivations §8.3"
     table1 = "Residual ∇-DB‡ (pruned †)"
     kind_reason = ("pruned (use_flow_net=False): forward loss + unet_reg ≡ RSM loss for every θ; "
                    "x' cancels in s̃_θ − s̃_ref; G re-evaluated at the current θ in both")
@@ -86,7 +86,7 @@ class ResidualNablaDB(Method):
             "timestep_fraction": 0.2, "low_var_subsampling": True,
             "source": "jaylee2000/rsm@e8be3df sd15_first_order/config/simple_res-nabladb_sd_hps.yaml "
                       "(reward_scale 5e5, unet_reg_scale 1e2, pretrained_strength 1, reward_adaptive_mode "
-                      "squared, timestep_fraction 0.2, low_var_subsampling true; digest §9.1)"},
+                      "squared, timestep_fraction 0.2, low_var_subsampling true; derivations §9.1)"},
         "nabla_gfn_hps": {
             "reward_scale": 1e4, "reward_adaptive_mode": "squared", "pretrained_strength": 1.0,
             "forward_loss_scale": 1.0, "unet_reg_scale": 1e2, "use_flow_net": True, "reverse_loss_scale": 1.0,
@@ -196,5 +196,5 @@ class ResidualNablaDB(Method):
                        c2=torch.full((R,), float(hp["unet_reg_scale"]), dtype=rows.x.dtype), anchor="ref")
 
     def influence_signal(self, batch, ctx, rows):
-        """∇_{x'} r(x̂₀(x')) at the sampled next state (digest §8.3), as rsm_spec builds it."""
+        """∇_{x'} r(x̂₀(x')) at the sampled next state (derivations §8.3), as rsm_spec builds it."""
         return fo.next_state(ctx.policy, ctx.reward, rows, jacobian=True)

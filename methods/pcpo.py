@@ -1,7 +1,7 @@
 """PCPO-base: the log-ratio ("stable objective reformulation") PPO objective.
 
 Paper: Lee & Ye 2025 (ICLR 2026), "PCPO", arXiv 2509.25774, §3 (ρ → 1 + log ρ in the clipped
-objective) and its matching form; digest §6, §8.5. Code: the RSM repository's reimplementation,
+objective) and its matching form; derivations §6, §8.5. Code: the RSM repository's reimplementation,
 jaylee2000/rsm@e8be3df, on its two non-branching samplers:
   diffusion ``sd15_zeroth_order/train_grpo.py``: A = (r − mean)/(std + 1e-8) per prompt group, population
     std (:866-871); the last transition is not stored (:784-791) and the other N − 1 are trained
@@ -25,7 +25,7 @@ Original (per row, mean over rows; ⟨·⟩ per-element means; A group-normalise
                      log ρ = ⟨log p_θ(x'|x)⟩ − ⟨log p_θ†(x'|x)⟩
     form "matching": L = max(0, ε|A| + A·term),  term = ½⟨(w_t·Δo)²⟩ + ⟨(w_t·Δo)·ξ⟩ = −log ρ,
                      Δo = o_θ − o_θ†, w_t = −B_t/σ_t (DDPM weight (c1−c2)/σ_t, resp. Flow-GRPO c_t√Δt/σ̃_t)
-RSM instance (digest §8.5, KL-free: anchor s_θ†):
+RSM instance (derivations §8.5, KL-free: anchor s_θ†):
     Ψ̂/a = −A·ξ/w_t, γ = 1, C1·a² = w_t²/2, C2 = 0 (clip instead).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class PCPO(Method):
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": '1', "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (log-ratio clip)',
                  "branching": False, "current_state": False}
-    paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3 (log-ratio objective); RSM digest §6, §8.5"
+    paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3 (log-ratio objective); derivations §6, §8.5"
     table1 = "PPO / GRPO / PCPO-base"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
     defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True),
@@ -63,7 +63,7 @@ class PCPO(Method):
                                 "bad :1101-1102, train_do_clip :1109-1114, std(unbiased=False) + 1e-8 :870, last "
                                 "transition dropped :784-791); configs/train/hpsv2_1_lora_grpo.yaml (train_clip_range "
                                 "1e-4, train_adv_clip_max 5.0) with const_weight null, weight_scale_factor 1.0 (the "
-                                "values its comments give for the non-uw runs); digest §6, §8.5"},
+                                "values its comments give for the non-uw runs); derivations §6, §8.5"},
         "sd35_base": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "matching", **SAMPLER["flow"],
                       "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss matching "
                                 "--reweight base: config/sd3_matrix.py:151-162 (global_std True, timestep_fraction "

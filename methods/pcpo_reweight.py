@@ -1,8 +1,8 @@
 """PCPO-reweight: PCPO's log-ratio objective with proportional per-step credit.
 
 Paper: Lee & Ye 2025 (ICLR 2026), "PCPO", arXiv 2509.25774, §3–4 (proportional credit: the
-per-step weight of the surrogate is replaced by a schedule proportional to the step size); digest
-§8.6–8.7. Code: the RSM repository, jaylee2000/rsm@e8be3df:
+per-step weight of the surrogate is replaced by a schedule proportional to the step size);
+derivations §8.6–8.7. Code: the RSM repository, jaylee2000/rsm@e8be3df:
   diffusion ``sd15_zeroth_order/train_grpo.py`` with ``configs/train/hpsv2_1_lora_grpo.yaml``
     (``algorithm: uw-sigma``, ``const_weight: 4.5``, ``weight_scale_factor: 8.70575076181``,
     ``noise_matching_precision: bad``): term = ½⟨(4.5·Δε/s)²⟩ + ⟨4.5·Δε·ξ/s⟩ in max(0, ε|A| + A·term)
@@ -19,7 +19,7 @@ Table 1 rows: "PCPO-reweight (diffusion)" and "PCPO-reweight (flow)".
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† (log ρ = 0, no clip binds), on-policy rows,
 same x_t and ξ, terminal reward.
 Deliberate deviations: the RSM code's SD1.5 sampler draws with the ``_get_std`` root σ whenever
-``'sigma' in algorithm`` (``diffusion/ddim_step.py``:34-50), so its own w_t is not 4.5 (digest §8.6);
+``'sigma' in algorithm`` (``diffusion/ddim_step.py``:34-50), so its own w_t is not 4.5 (derivations §8.6);
 here the sampler is the process's DDPM step and the loss uses the constant credit κ = w/s exactly as
 the code does. KL-free: the SD3.5 default sampler adds β·⟨Δμ²⟩/(2σ̃²) (``scripts/train_sd3.py``:1022-1031,
 β 0.01 from its reward preset), which this Table-1 row does not have.
@@ -30,7 +30,7 @@ Original (per row, mean over the trained rows, A group-normalised and clipped to
     flow: κ_t = ζ·Δt_i; default form "ratio":
         L = max(−A·ρ̃, −A·clip(ρ̃, 1 ± ε)),  ρ̃ = exp((⟨log p_θ⟩ − ⟨log p_θ†⟩)·κ_t/w^b_t)
     (any form on either process via ``form``; first-step gradient A·κ_t·⟨ξ·∂o_θ⟩ in all).
-RSM instance (digest §7.2, §8.6–8.7; KL-free, anchor s_θ†):
+RSM instance (derivations §7.2, §8.6–8.7; KL-free, anchor s_θ†):
     Ψ̂/a = −A·ξ/w_t,  γ = κ_t/w_t,  C1·a² = w_t²/2,  C2 = 0 (clip instead).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class PCPOReweight(Method):
     table_row = {"psi": '(σ/Ω)·A·ξ', "gamma": '(w/s)/w_t (diffusion), ζΔt/w^b_t (flow)',
                  "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": '0 (log-ratio / matching clip)', "branching": False,
                  "current_state": False}
-    paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3-4 (proportional credit); RSM digest §8.6, §8.7"
+    paper = "PCPO: Lee & Ye 2025, arXiv 2509.25774, §3-4 (proportional credit); derivations §8.6, §8.7"
     table1 = "PCPO-reweight (diffusion) / PCPO-reweight (flow)"
     kind_reason = "θ = θ† (log ρ = 0, clip inactive), on-policy rows, same x_t and ξ, terminal reward"
     defaults = {"clip_range": hp(1e-4, gt=0), "adv_clip_max": hp(5.0, gt=0, null=True),
@@ -72,13 +72,13 @@ class PCPOReweight(Method):
                  "source": "jaylee2000/rsm@e8be3df sd15_zeroth_order/configs/train/hpsv2_1_lora_grpo.yaml "
                            "(algorithm uw-sigma, const_weight 4.5, weight_scale_factor 8.70575076181, "
                            "noise_matching_precision bad, train_clip_range 1e-4, train_adv_clip_max 5.0), "
-                           "train_grpo.py:870 (std + 1e-8), :784-791 (last transition dropped); digest §8.6"},
+                           "train_grpo.py:870 (std + 1e-8), :784-791 (last transition dropped); derivations §8.6"},
         "sd35": {"clip_range": 1e-4, "adv_clip_max": 5.0, "form": "ratio", "zeta": 4.3152134639895925,
                  **SAMPLER["flow"],
                  "source": "jaylee2000/rsm@e8be3df sd35_zeroth_order run_sd3.sh --sampler default --loss ppo "
                            "--reweight pcpo: flow_grpo/sd3_train_shared.py:7,52-62,88-92 (ζ, w^b, ratio), "
                            "config/sd3_matrix.py:151-162 (global_std True, timestep_fraction 0.99), config/base.py:98 "
-                           "(clip_range 1e-4); digest §8.7"},
+                           "(clip_range 1e-4); derivations §8.7"},
     }
 
     def setting(self, ctx, name):

@@ -11,7 +11,7 @@ of the step at mid, ``F.relu(-rewards + 2)``, ``loss.mean() * args.grad_scale``)
 posterior). Deliberate deviations, stated: ReFL alternates this with the pre-training loss on a data
 set; that regulariser needs training images and is not part of this method file. ReFL's UNet call
 has no CFG; guidance is a task setting here.
-Table 1 row: not a Table 1 row (digest §8.11: "ReFL = single late-step Tweedie (current-state)
+Table 1 row: not a Table 1 row (derivations §8.11: "ReFL = single late-step Tweedie (current-state)
 gradient").
 Equivalence kind: ``grad_at_behaviour``. At θ = θ†, with x_j at its rollout value and
 x̂₀ = T(x_j, o) the affine Tweedie map of ``rsmbench.core.process``,
@@ -48,7 +48,7 @@ class ReFL(Method):
                  "gamma": '1', "c1": 'D/2 (native), anchor s_θ†', "c2": '0', "branching": False,
                  "current_state": True}
     paper = "Xu et al. 2023 (ImageReward), arXiv 2304.05977, §4, Algorithm 1 (ReFL)"
-    table1 = "not a Table 1 row (digest §8.11)"
+    table1 = "not a Table 1 row (derivations §8.11)"
     kind_reason = "exact at θ = θ†: same x_j; RSM holds x̂₀ and ∇r(x̂₀) at their behaviour values"
     defaults = {"window": hp(10, ge=1), "step_seed": hp(0, ge=0), "reward_scale": hp(1.0, gt=0),
                 "reward_loss": hp("relu_margin", choices=PHI_LOSSES), "reward_target": hp(2.0, null=True)}
@@ -92,4 +92,4 @@ class ReFL(Method):
         check_reward_target(hp)
 
     def influence_signal(self, batch, ctx, rows):
-        return batch.extras["x0_grad"][rows.sample]  # ∇r at the row's x̂₀ (digest §8.11)
+        return batch.extras["x0_grad"][rows.sample]  # ∇r at the row's x̂₀ (derivations §8.11)

@@ -2,7 +2,7 @@
 
 Paper: policy gradient with per-step KL to the pretrained model, as in DPOK (Fan et al. 2023,
 arXiv 2305.16381, Eq. 8 with the Gaussian KL of Lemma 4.1 / Eq. 10); REINFORCE (Williams 1992).
-Table 1 row: "REINFORCE + KL reg" (RSM, arXiv 2604.17415; digest §7.2, §8.4).
+Table 1 row: "REINFORCE + KL reg" (RSM, arXiv 2604.17415; derivations §7.2, §8.4).
 Equivalence kind: ``grad_at_behaviour``. Exact at θ = θ† when the samples are on-policy, the KL
 is the closed-form per-step Gaussian KL, the reward is terminal, and both losses see the same
 x_t and ξ. Off-policy (θ ≠ θ†) the REINFORCE term is an A-weighted matching loss around θ†,
@@ -38,7 +38,7 @@ class ReinforceKL(Method):
     kind = "grad_at_behaviour"
     table_row = {"psi": '(σ/(βΩ))·A·ξ, A = r − mean', "gamma": '1', "c1": 'β·Ω²/(2σ²)', "c2": '0',
                  "branching": False, "current_state": False}
-    paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); RSM digest §8.4"
+    paper = "DPOK: Fan et al. 2023, arXiv 2305.16381, Eq. 8 and Eq. 10 (per-step KL); derivations §8.4"
     table1 = "REINFORCE + KL reg"
     kind_reason = "on-policy, closed-form per-step KL, terminal reward, same x_t and ξ in both losses"
     defaults = {"beta": hp(0.01, gt=0),  # > 0: Ψ̂ ∝ 1/β (KL-free: grpo with beta 0)
@@ -53,7 +53,7 @@ class ReinforceKL(Method):
     }
 
     def prepare(self, batch, ctx):
-        """A = r − mean_prompt(r) (control variate, digest §4.2), optionally / std; or raw r."""
+        """A = r − mean_prompt(r) (control variate, derivations §4.2), optionally / std; or raw r."""
         if ctx.hp["baseline"] == "none":
             adv = batch.rewards.clone()
         elif ctx.hp["baseline"] == "mean":

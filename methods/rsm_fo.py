@@ -1,6 +1,6 @@
 """RSM first-order redesigns ("Ours"): terminal-sample reward gradient, no network Jacobian.
 
-Paper: RSM, arXiv 2604.17415, Figure 5; digest §4.1 ("full-trajectory terminal gradient, no
+Paper: RSM, arXiv 2604.17415, Figure 5; derivations §4.1 ("full-trajectory terminal gradient, no
 Jacobian"), §5.3 (κ tables), §9.1 (diffusion) and §9.2 (flow). The "original" of this method is the
 paper's own redesign loss as its code writes it:
 
@@ -9,7 +9,7 @@ trainer with ``use_z0: true``, ``reward_adaptive_mode: sigma``, ``pretrained_str
     G = ∇_{z_0} r(z_0), z_0 = the trajectory's own final sample, computed once at sampling time;
     s̃_θ = ∇_{x'} log p_θ(x'|x) = −(x' − μ_θ(x))/σ_t²   (transition score at the sampled x')
     L = fls·⟨(k·s̃_θ − k·s̃_ref − λ·κ_t·G)²⟩ + unet_reg·⟨(ε_θ − ε_θ†)²⟩,   k = κ_t = σ_t.
-  RSM (digest §8.3 "Ours"; x' cancels in s̃_θ − s̃_ref = B(ε_θ − ε_ref)/σ²):
+  RSM (derivations §8.3 "Ours"; x' cancels in s̃_θ − s̃_ref = B(ε_θ − ε_ref)/σ²):
     Ψ̂/a = λ·σ_t²·G/B_t (Stein form, ``estimators.stein_shift``; score units Ψ̂ = (σ²/Ω)·λ·G),
     γ = κ_t/k = 1,  C1·a² = fls·w_t² (score units C1 = fls·Ω_t²/σ_t²: the KL-natural weighting),
     C2·a² = unet_reg,  anchor s_ref.
@@ -18,7 +18,7 @@ Flow (§9.2, ``config/hpsv2_geneval_ours.py``: pruned VGG-Flow with ``use_saved_
     g = clip_τ(∇_{x_0} r(x_0)) (saved unclipped at sampling, clipped in the loss; VGG-Flow's clip,
     ``rsmbench.core.gradclip``),  v_tgt = v_ref − λ·η(σ)·g,  η = 1 − σ,
     L = ⟨(v_θ − sg(v_tgt))²⟩ + unet_reg·⟨(v_θ − v_θ†)²⟩.
-  RSM (digest §8.1 with the terminal estimator): Ψ̂/a = −λ·g (score units ((1−σ)/σ)·λ·g),
+  RSM (derivations §8.1 with the terminal estimator): Ψ̂/a = −λ·g (score units ((1−σ)/σ)·λ·g),
     γ = η(σ) = 1 − σ,  C1·a² = 1,  C2·a² = unet_reg,  anchor s_ref.
 Trained steps: diffusion ``sd15_ours`` trains the config's ``timestep_fraction: 0.2`` with
 ``low_var_subsampling: true`` (11 of 50 steps per sample: the last always, one uniform step per block
@@ -60,7 +60,7 @@ def _el(v, like):
 class RSMFirstOrder(ClippedRewardGradient, Method):
     id = "rsm_fo"
     processes = ("diffusion", "flow")
-    # the paper's first-order experiments are on both: SD1.5 (digest §9.1, jaylee2000/rsm@e8be3df
+    # the paper's first-order experiments are on both: SD1.5 (derivations §9.1, jaylee2000/rsm@e8be3df
     # sd15_first_order) and SD3.5-M (§9.2, sd35_first_order)
     published_processes = ("diffusion", "flow")
     order = "first"
@@ -68,8 +68,8 @@ class RSMFirstOrder(ClippedRewardGradient, Method):
     table_row = {"psi": 'λ·∇_{x_0} r(x_0) of the same rollout (no network Jacobian)',
                  "gamma": 'σ_t (diffusion) / 1−σ (flow)', "c1": 'Ω²/σ² (diffusion) / (σ/(1−σ))² (flow)',
                  "c2": 'unet_reg', "branching": False, "current_state": False}
-    paper = "RSM, arXiv 2604.17415, Fig. 5; digest §9.1 (use_z0) and §9.2 (use_saved_rgrad_x1)"
-    table1 = "not a Table 1 row (digest §9.1, §9.2: redesigns of Residual ∇-DB‡ and VGG-Flow‡)"
+    paper = "RSM, arXiv 2604.17415, Fig. 5; derivations §9.1 (use_z0) and §9.2 (use_saved_rgrad_x1)"
+    table1 = "not a Table 1 row (derivations §9.1, §9.2: redesigns of Residual ∇-DB‡ and VGG-Flow‡)"
     kind_reason = "loss identity for all θ: the terminal gradient is cached at sampling time"
     defaults = {"reward_scale": hp(1.0, gt=0), "forward_loss_scale": hp(1.0, gt=0),
                 "unet_reg_scale": hp(None, type=float, ge=0),  # None: the process's "Ours" value
@@ -84,13 +84,13 @@ class RSMFirstOrder(ClippedRewardGradient, Method):
         "sd15_ours": {"reward_scale": 5e5, "forward_loss_scale": 1.0, "unet_reg_scale": 100.0,
                       "timestep_fraction": 0.2, "low_var_subsampling": True,
                       "source": "jaylee2000/rsm@e8be3df sd15_first_order/config/"
-                                "simple_res-nabladb_sd_hps_usez0_basesnr.yaml (digest §9.1): reward_scale 5e5, "
+                                "simple_res-nabladb_sd_hps_usez0_basesnr.yaml (derivations §9.1): reward_scale 5e5, "
                                 "unet_reg_scale 1e2, forward_loss_scale 1, timestep_fraction 0.2, "
                                 "low_var_subsampling true"},
         "sd35_ours": {"reward_scale": 1.5e7, "unet_reg_scale": 0.0, "eta_mode": "linear", "clip": "quantile",
                       "timestep_fraction": 1.0,
                       "source": "jaylee2000/rsm@e8be3df sd35_first_order/config/hpsv2_geneval_ours.py over "
-                                "config/default_config.py (digest §9.2): reward_scale 1.5e7, eta_mode linear, "
+                                "config/default_config.py (derivations §9.2): reward_scale 1.5e7, eta_mode linear, "
                                 "use_saved_rgrad_x1, unet_reg_scale 0, timestep_fraction 1"},
     }
 
@@ -118,7 +118,7 @@ class RSMFirstOrder(ClippedRewardGradient, Method):
         return g[(batch.rows if rows is None else rows).sample]
 
     def influence_signal(self, batch, ctx, rows):
-        return self._G(batch, ctx, rows)  # the (clipped, flow) terminal gradient, digest §9.1–9.2
+        return self._G(batch, ctx, rows)  # the (clipped, flow) terminal gradient, derivations §9.1–9.2
 
     # -- original -----------------------------------------------------------------------------------
     def original_loss(self, batch, ctx):

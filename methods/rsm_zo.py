@@ -1,7 +1,7 @@
 """RSM-ZO: the RSM paper's zeroth-order redesigns ("Ours", diffusion §9.3 and flow §9.4).
 
-Paper: Lee, Chang, Kim, Ye 2026, "Reward Score Matching", arXiv 2604.17415; digest §6, §9.3–9.5. Not a
-Table 1 row (the paper's redesign; digest §9.3, §9.4). Code: jaylee2000/rsm@e8be3df:
+Paper: Lee, Chang, Kim, Ye 2026, "Reward Score Matching", arXiv 2604.17415; derivations §6, §9.3–9.5. Not a
+Table 1 row (the paper's redesign; derivations §9.3, §9.4). Code: jaylee2000/rsm@e8be3df:
   diffusion ``sd15_zeroth_order/train_grpo_pr.py`` with ``configs/train/base_grpo_pr_uwsigma_lora10.yaml``;
   flow ``sd35_zeroth_order/scripts/train_sd3_pr.py`` with ``run_sd3.sh --profile lowsnr2 --sampler branch
   --reward geneval --loss matching --reweight fairclip2``.
@@ -10,7 +10,7 @@ kept row), same x_t and ξ; the KL terms (branch-row SDE KL, ODE KL anchors) are
 
 Rollout (``rsmbench.core.tree.localised_tree``): deterministic root (DDIM η = 0 / Euler ODE); at each
 transition i with k_i > 0 (the low-SNR end), k_i one-step SDE branches (DDPM σ / Flow-GRPO SDE)
-continued by the ODE; NFE per root N + Σk_i + Σk_i(N − i − 1) (digest §9.5). Advantages
+continued by the ODE; NFE per root N + Σk_i + Σk_i(N − i − 1) (derivations §9.5). Advantages
 standardised per group (diffusion: (prompt, branch step); flow: (root seed, branch step)), std +
 1e-4, clipped ±5; rows with A = 0 (zero-std groups) are masked, all rows kept when every A is 0
 (train_sd3_pr.py:1444-1446, train_grpo_pr.py:1646-1648). kw = k_avg/k_i, k_avg the mean k over the
@@ -35,7 +35,7 @@ RSM instance (native units, the same row weights in C1):
                anchor s_ref if β > 0 (β' = β, ×Δt with the heuristic denominator) else s_θ† (β' = 1);
   anchor rows: Ψ̂ = 0, γ = 1, C1·a² = (R/n_a)·β_a·c²/2 (diffusion), (R/n_a)·β·k_avg·w_t²/2 (flow), anchor s_ref.
 Deliberate deviation: the SD1.5 code draws its branch steps with the uw-sigma root σ (``_get_std``,
-``diffusion/ddim_step.py``:34-50); here the process's DDPM σ (digest §8.6). The code spreads the
+``diffusion/ddim_step.py``:34-50); here the process's DDPM σ (derivations §8.6). The code spreads the
 anchor rows over its micro-batches and averages per micro-batch; here one mean per batch.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ PROCESS_DEFAULTS = {
 class RSMZeroOrder(Method):
     id = "rsm_zo"
     processes = ("diffusion", "flow")
-    # the paper's zeroth-order redesigns run on both: SD1.5 (digest §9.3, jaylee2000/rsm@e8be3df
+    # the paper's zeroth-order redesigns run on both: SD1.5 (derivations §9.3, jaylee2000/rsm@e8be3df
     # sd15_zeroth_order) and SD3.5-M (§9.4, sd35_zeroth_order)
     published_processes = ("diffusion", "flow")
     order = "zeroth"
@@ -72,8 +72,8 @@ class RSMZeroOrder(Method):
                  "c1": 'Ω²/(2σ²)·k_avg/k, anchor s_θ†; ODE KL anchor rows β', "c2": 'PCPO / fair clip',
                  "branching": True, "current_state": False}
     paper = ("RSM: Lee, Chang, Kim, Ye 2026, arXiv 2604.17415, zeroth-order redesigns; code jaylee2000/rsm "
-             "(train_grpo_pr.py, sd3 lowsnr2 fairclip2); digest §6, §9.3-9.5")
-    table1 = "not a Table 1 row (the paper's zeroth-order redesigns, digest §9.3, §9.4)"
+             "(train_grpo_pr.py, sd3 lowsnr2 fairclip2); derivations §6, §9.3-9.5")
+    table1 = "not a Table 1 row (the paper's zeroth-order redesigns, derivations §9.3, §9.4)"
     kind_reason = ("θ = θ† (matching / fair clip inactive), same x_t and ξ; KL anchors and branch-row KL are "
                    "loss identities")
     # None: the process's PROCESS_DEFAULTS value
@@ -99,7 +99,7 @@ class RSMZeroOrder(Method):
                                 "base_grpo_pr_uwsigma_lora10.yaml (exploration_k 4 at steps 0/10/20/30/40, "
                                 "const_weight 4.5, weight_scale_factor 8.70575076181, group_strategy prompt, "
                                 "use_ode_kl_anchor true, ode_kl_anchor_beta 0.00008, anchor_row_max_ratio 0.10, "
-                                "train_clip_range 1e-4, train_adv_clip_max 5.0); digest §9.3"},
+                                "train_clip_range 1e-4, train_adv_clip_max 5.0); derivations §9.3"},
         "sd35_lowsnr2": {"k": [6, 6, 8, 10, 0, 0, 0, 0, 0, 0], "beta": 0.004, "anchor_beta": None,
                          "anchor_ratio": "all", "use_ode_kl_anchor": True, "heuristic_kldenom": False,
                          "group_strategy": "seed", "clip_range": 1e-4, "adv_clip_max": 5.0,
@@ -109,7 +109,7 @@ class RSMZeroOrder(Method):
                                    "outside timestep_fraction 0.99 :177), :192 (group_strategy seed), "
                                    "config/sd3_reward_presets.py:32,165-166 (beta 0.004, heuristic_kldenom_trick "
                                    "False, use_ode_kl_anchor True), config/base.py:96-98 (adv_clip_max 5, "
-                                   "clip_range 1e-4); digest §9.4"},
+                                   "clip_range 1e-4); derivations §9.4"},
     }
 
     def _hp(self, ctx, name):

@@ -4,7 +4,7 @@ Paper: Kang, Lee, Shin, Om, Park, "Diffusion Fine-Tuning via Reparameterized Pol
 Soft Q-Function" (ICLR 2026, arXiv 2512.04559). Code: Shin-woocheol/SQDF@68861b2 ``T2I`` (loss
 ``alignprop_trainer.py:544-550``, KL ``sd_pipeline.py:563-566``, discount ``sd_pipeline.py:790-793``,
 replay buffer ``alignprop_trainer.py:777-973``).
-Table 1 row: "SQDF" (no ‡: the estimate is taken at the next state x_{t−1}; digest §8.2).
+Table 1 row: "SQDF" (no ‡: the estimate is taken at the next state x_{t−1}; derivations §8.2).
 
 Original (per row = sample × stochastic DDPM step i: x_t → x_{t'}; mean over rows):
     x_{t'}(θ) = μ_θ(x_t) + σ_t·ξ                 (reparameterised)
@@ -36,10 +36,10 @@ Deliberate deviations, stated:
   step is a row here (the same expectation, lower variance). ``steps_per_trajectory: 1`` is theirs.
 - Lookahead: SQDF uses a distilled consistency model (LCM-LoRA) for x̂_0, or, without it, one
   reference Tweedie at x_{t'} (sd_pipeline.py:845-908). No consistency model of the toy networks
-  exists here, so Φ_k is the RSM toy's "SQDF-k" (k = 2: 2-step deterministic DDIM + Tweedie, digest
-  §4.1; k = 0 is their no-CM branch), with k as a hyperparameter.
+  exists here, so Φ_k is the RSM toy's "SQDF-k" (k = 2: 2-step deterministic DDIM + Tweedie,
+  derivations §4.1; k = 0 is their no-CM branch), with k as a hyperparameter.
 
-RSM instance (digest §8.2): at θ = θ†, with m = 1[r > 0],
+RSM instance (derivations §8.2): at θ = θ†, with m = 1[r > 0],
 ∇L = m·(−γ_d·D·B·⟨g·∂ε_θ⟩ + 2α·w²·⟨(ε_θ − ε_ref)·∂ε_θ⟩), g = ∇_{x'} r(x̂_0(Φ_k(x'))) (r is a
 scalar: Σ over elements = D·⟨·⟩, the factor-D scale note), i.e.
     Ψ̂ = D·(σ²/Ω)·g/(2α)  (native Ψ̂/a = D·σ²·g/(2α·B), ``stein_shift``),  γ = γ_d^(N−1−i),
@@ -77,7 +77,7 @@ class SQDF(Method):
     table_row = {"psi": '(σ²/Ω)·(D/(2α))·∇r(x̂₀(Φ_k(x_{t−1}))), k-step lookahead', "gamma": 'γ_d^(N−1−i)',
                  "c1": '1[r>0]·α·Ω²/σ² (the code\'s KL has no ½)', "c2": '0', "branching": False,
                  "current_state": False}
-    paper = "SQDF: Kang et al. 2026, arXiv 2512.04559 (reparameterised soft-Q policy gradient); RSM digest §8.2"
+    paper = "SQDF: Kang et al. 2026, arXiv 2512.04559 (reparameterised soft-Q policy gradient); derivations §8.2"
     table1 = "SQDF"
     kind_reason = ("θ = θ†, on the row's ξ: the reparameterised next state equals the behaviour's, the "
                    "reward mask is piecewise constant, and the per-element-mean KL makes Ψ̂ carry the factor D")
@@ -225,5 +225,5 @@ class SQDF(Method):
                        c2=torch.zeros(R, dtype=rows.x.dtype), anchor="ref")
 
     def influence_signal(self, batch, ctx, rows):
-        """k-step lookahead of the reference from the next state (digest §8.2); x' = μ_θ† + σξ = rows.x_next."""
+        """k-step lookahead of the reference from the next state (derivations §8.2); x' = μ_θ† + σξ = rows.x_next."""
         return fo.lookahead(ctx.ref, ctx.reward, rows.x_next, rows.step + 1, rows.cond, k=ctx.hp["lookahead_steps"])

@@ -5,7 +5,7 @@ Paper: He, Fu et al. 2025, "TempFlow-GRPO: When Timing Matters for GRPO in Flow 
 continuation, so each branch's reward credits that one step; noise-aware policy weighting; group
 advantages among the branches of the same root and branch point). Code form as in the RSM
 repository's ``sd35_zeroth_order`` (``reweight: tempflow``: the Flow-GRPO PPO term × 2.25·σ̃√Δt;
-profile ``base``: k = 6 branches at each of the 9 transitions), digest §8.9, §9.4–9.5.
+profile ``base``: k = 6 branches at each of the 9 transitions), derivations §8.9, §9.4–9.5.
 Table 1 row: "TempFlow-GRPO" (branching: Yes). Digest §7.2, §8.9.
 Equivalence kind: ``grad_at_behaviour``: exact at θ = θ† (ρ = 1, clip inactive) on the branch
 rows, same x_t and ξ in both losses, terminal reward of each branch's leaf.
@@ -13,7 +13,7 @@ rows, same x_t and ξ in both losses, terminal reward of each branch's leaf.
 Rollout (``rsmbench.core.tree.localised_tree``): ODE root x_0..x_N per seed; at each transition i with
 k_i > 0, k_i children restart from x_i, take the Flow-GRPO SDE step (Eq. 9 of arXiv 2505.05470,
 the process's SDE table) and continue with Euler-ODE steps. One training row per branch: its SDE
-transition. NFE per root = N + Σk_i + Σk_i(N − i − 1) (digest §9.5).
+transition. NFE per root = N + Σk_i + Σk_i(N − i − 1) (derivations §9.5).
 
 The RSM code's ppo path with ``reweight tempflow`` on its branch sampler (jaylee2000/rsm@e8be3df
 ``sd35_zeroth_order/scripts/train_sd3_pr.py``:1621-1696; ``flow_grpo/sd3_train_shared.py``:153-154), as
@@ -28,7 +28,7 @@ reference.
 Original (per branch row, mean over the kept rows, ⟨·⟩ per-element means; A standardised among siblings):
     ρ = exp(⟨log p_θ⟩ − ⟨log p_θ†⟩),
     L = kw·[2.25·σ̃_i√Δt_i · max(−A·ρ, −A·clip(ρ, 1 ± ε)) + β·KL_i(θ‖ref)]
-RSM instance (first-step gradient A·2.25·c_tΔt·⟨ξ·∂v⟩, digest §5.3):
+RSM instance (first-step gradient A·2.25·c_tΔt·⟨ξ·∂v⟩, derivations §5.3):
     Ψ̂/a = −A·ξ/(β'·w_t) (likelihood ratio), γ = 2.25·σ̃√Δt = κ_t/w_t, C1·a² = kw·β'·w_t²/2, C2 = 0,
     anchor s_ref if β > 0 (β' = β, ×Δt with the heuristic denominator) else s_θ† (β' = 1).
 """
@@ -55,7 +55,7 @@ class TempFlowGRPO(Method):
                  "gamma": '2.25·σ̃√Δt / w^b (noise-aware)', "c1": 'Ω²/(2σ²), anchor s_θ†', "c2": 'PPO clip',
                  "branching": True, "current_state": False}
     paper = ("TempFlow-GRPO: He, Fu et al. 2025, arXiv 2508.04324 (trajectory branching, noise-aware "
-             "weighting); Flow-GRPO SDE: arXiv 2505.05470, Eq. 9; RSM digest §8.9")
+             "weighting); Flow-GRPO SDE: arXiv 2505.05470, Eq. 9; derivations §8.9")
     table1 = "TempFlow-GRPO"
     kind_reason = "θ = θ† (ρ = 1, clip inactive), same x_t and ξ, terminal reward per branch leaf"
     defaults = {"k": hp([2, 2, 2, 2, 2, 2, 2], items=hp(0, ge=0)), "noise_scale": hp(2.25, gt=0),
@@ -72,7 +72,8 @@ class TempFlowGRPO(Method):
                                "--loss ppo --reweight tempflow (pickscore and the other non-geneval rewards): "
                                "config/sd3_matrix.py:57,177,192 (k [6]×10, timestep_fraction 0.99: 9 branching "
                                "steps of N = 10, group_strategy seed), :132 (heuristic_kldenom_trick True), "
-                               "config/sd3_reward_presets.py:10 (beta 0.01), config/base.py:96-98; digest §8.9, §9.4"},
+                               "config/sd3_reward_presets.py:10 (beta 0.01), config/base.py:96-98; "
+                               "derivations §8.9, §9.4"},
         "rsm_base_geneval": {"k": [6] * 9, "noise_scale": 2.25, "clip_range": 1e-4, "beta": 0.004,
                              "heuristic_kldenom": False, "adv_clip_max": 5.0, "group_strategy": "seed",
                              "source": "jaylee2000/rsm@e8be3df run_sd3.sh --profile base --sampler branch --reward "

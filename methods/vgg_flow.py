@@ -4,7 +4,7 @@ Paper: Liu, Xiao, Domingo-Enrich, W. Liu, Zhang, "Value Gradient Guidance for Fl
 Alignment" (NeurIPS 2025, arXiv 2512.05116): optimal-control objective
 min E[(λ/2)∫‖ṽ_θ‖²dt − r(x_1)], HJB ⇒ ṽ* = −∇V/λ with the value gradient parameterised as
 g_φ = −η_τ·sg(∇r(x̂_1(x_τ))) + ν_φ(x_τ, τ) (their §4). Code: lzzcd001/vggflow as ported in the RSM
-repo, ``sd35_first_order/lib/vggflow/{algorithm,trainer,reward_gradient}.py`` (digest §8.1).
+repo, ``sd35_first_order/lib/vggflow/{algorithm,trainer,reward_gradient}.py`` (derivations §8.1).
 Table 1 row: "VGG-Flow‡" (current-state estimator; † after pruning ν_φ and the auxiliary losses).
 
 Original (per row = sample × trained step of a 20-step Euler ODE rollout; mean over rows, which is
@@ -22,7 +22,7 @@ with η(σ) = (1−σ)² ('quad') and clip_τ VGG-Flow's per-sample quantile cli
 L_consistency is the code's finite-difference HJB residual on ∇V = ν_φ/λ − η·g (time step 1e-4
 in model-time units, space step 1e-4 along sg(v_ref/λ + ∇V)); L_terminal = ⟨ν_φ²⟩ on last-step rows.
 
-RSM instance (digest §8.1): in score units ⟨(v_θ − v_ref + λη·g)²⟩ =
+RSM instance (derivations §8.1): in score units ⟨(v_θ − v_ref + λη·g)²⟩ =
 (σ/(1−σ))²·⟨(s_θ − s_ref − ((1−σ)/σ)·λη·g)²⟩, i.e.
     Ψ̂ = ((1−σ)/σ)·λ·g (native Ψ̂/a = −λ·g),  γ = η(σ),  C1 = (σ/(1−σ))² (native 1),
     C2 = unet_reg·(σ/(1−σ))² (native unet_reg),  anchor s_ref,  current-state ‡.
@@ -105,7 +105,7 @@ class VGGFlow(ClippedRewardGradient, Method):
     kind = "loss"
     table_row = {"psi": 'λ·∇r(x̂₀), x̂₀ = x_t − σ·sg(v_θ) (identity Jacobian)', "gamma": '((1−σ)/σ)·(1−σ)²',
                  "c1": '(σ/(1−σ))²', "c2": 'unet_reg (0)', "branching": False, "current_state": True}
-    paper = "VGG-Flow: Liu et al. 2025, arXiv 2512.05116, §4 (matching + HJB consistency); RSM digest §8.1"
+    paper = "VGG-Flow: Liu et al. 2025, arXiv 2512.05116, §4 (matching + HJB consistency); derivations §8.1"
     table1 = "VGG-Flow‡ (pruned †)"
     kind_reason = ("pruned (use_value_net=False): matching loss ≡ RSM loss for every θ; "
                    "g re-evaluated at the current θ in both formulations")
@@ -242,6 +242,6 @@ class VGGFlow(ClippedRewardGradient, Method):
                        c2=torch.full((R,), float(hp["unet_reg_scale"]), dtype=rows.x.dtype), anchor="ref")
 
     def influence_signal(self, batch, ctx, rows):
-        """The clipped current-state gradient through the detached velocity (digest §8.1), as rsm_spec."""
+        """The clipped current-state gradient through the detached velocity (derivations §8.1), as rsm_spec."""
         return self.clipper(ctx.hp)(fo.current_state(ctx.policy, ctx.reward, rows.x, rows.step, rows.cond,
                                                      jacobian=False))

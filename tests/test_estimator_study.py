@@ -1,4 +1,4 @@
-"""Estimator study on gmm: the qualitative claims of digest §4.2–4.3 hold on the exact-score
+"""Estimator study on gmm: the qualitative claims of derivations §4.2–4.3 hold on the exact-score
 rollouts at tiny sample counts (8 points, n ≤ 256), and every panel runs and plots."""
 
 import numpy as np

@@ -109,12 +109,12 @@ def test_published_grids():
 
     sd15 = fs.get_profile("sd15")
     p = make_process("diffusion", num_steps=sd15.num_steps["zeroth"], **sd15.process)
-    assert p.timesteps[0].item() == 981 and p.timesteps[-1].item() == 1 and p.eta == 1.0  # digest §2.2
+    assert p.timesteps[0].item() == 981 and p.timesteps[-1].item() == 1 and p.eta == 1.0  # derivations §2.2
     sd35 = fs.get_profile("sd35")
     p = make_process("flow", num_steps=10, shift=3.0, **sd35.process)
-    ref = [1.0, 0.96, 0.913, 0.857, 0.790, 0.706, 0.601, 0.463, 0.275, 0.003, 0.0]  # digest §2.3
+    ref = [1.0, 0.96, 0.913, 0.857, 0.790, 0.706, 0.601, 0.463, 0.275, 0.003, 0.0]  # derivations §2.3
     # diffusers' FlowMatchEuler grid (what SD3's pipeline and Flow-GRPO use); its last non-zero σ is
-    # 0.0089 where the digest's rounded formula gives 0.003
+    # 0.0089 where the rounded formula of docs/derivations.md §5.3 gives 0.003
     assert torch.allclose(p.sigmas[:9].float(), torch.tensor(ref[:9]), atol=4e-3)
     assert 0 < p.sigmas[9] < 0.01 and p.sigmas[10] == 0
     assert sd15.cfg_scale["zeroth"] == 5.0 and sd35.cfg_scale["zeroth"] == 4.5 and sd35.cfg_scale["first"] == 5.0

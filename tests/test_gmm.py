@@ -21,7 +21,7 @@ def mix():
     return gmm.toy_mixture()
 
 
-def test_toy_tilt_matches_the_digest(mix):
+def test_toy_tilt_matches_the_derivations(mix):
     """Digest §4.3: shift (−½, 0), weights ∝ (e^−1.5, e^1.5, 1); J* = 3 + 1/8 + log mean_k e^{−m_k1/2}."""
     tilted, log_z = LinearReward().tilt(mix, 1.0)
     w = torch.tensor([math.exp(-1.5), math.exp(1.5), 1.0], dtype=torch.float64)

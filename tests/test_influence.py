@@ -1,6 +1,6 @@
-"""κ(t), h(t) from the methods' own RSM specs reproduce digest §5.3 (float64).
+"""κ(t), h(t) from the methods' own RSM specs reproduce derivations §5.3 (float64).
 
-Tolerance: the digest prints 3 decimals (or 3 significant digits); a computed κ passes when it
+Tolerance: docs/derivations.md §5.3 prints 3 decimals (or 3 significant digits); a computed κ passes when it
 rounds to the printed value, |κ − printed| ≤ ½ unit of the last printed digit (+1e-12).
 """
 import math
@@ -14,10 +14,10 @@ from rsmbench.harness import influence
 
 
 class DigestGrid(rsmbench.core.process.FlowMatchEulerDiscreteScheduler):
-    """The digest's §2.3 SD3.5 grid: shift applied to s ∈ linspace(1, 10⁻³, N). diffusers' own
+    """docs/derivations.md §2.3's SD3.5 grid: shift applied to s ∈ linspace(1, 10⁻³, N). diffusers' own
     ``set_timesteps(N)`` (the repo's FlowProcess) ends its unshifted linspace at the shifted training
     minimum 0.002994 instead, which moves late steps by up to 0.003 (t = 0.278 vs 0.275 at step 8)
-    and κ by up to 1.3 % there; the digest's printed numbers are on this grid."""
+    and κ by up to 1.3 % there; its printed numbers are on this grid."""
 
     def set_timesteps(self, num_inference_steps=None, device=None, **kw):
         super().set_timesteps(sigmas=np.linspace(1.0, 1e-3, num_inference_steps), device=device)
@@ -27,16 +27,16 @@ class DigestGrid(rsmbench.core.process.FlowMatchEulerDiscreteScheduler):
 def digest_grid(monkeypatch):
     monkeypatch.setattr(rsmbench.core.process, "FlowMatchEulerDiscreteScheduler", DigestGrid)
 
-# digest §5.3, flow zeroth-order table, steps 0..8 of the SD3.5 10-step grid (a = 0.7)
+# derivations §5.3, flow zeroth-order table, steps 0..8 of the SD3.5 10-step grid (a = 0.7)
 FLOW = {
     ("grpo", "flow_grpo_kl_free"): [0.057, 0.079, 0.130, 0.189, 0.265, 0.373, 0.539, 0.831, 1.507],  # w^b
     ("tempflow_grpo", "rsm_base"): [0.090, 0.131, 0.156, 0.189, 0.234, 0.296, 0.387, 0.527, 0.761],  # 2.25·c·Δt
     ("pcpo_reweight", "sd35"): [0.172, 0.202, 0.241, 0.292, 0.360, 0.456, 0.596, 0.812, 1.172],  # ζ·Δt
     ("grpo_guard", "flow_grpo_guard"): [1.00] + [1.245] * 8,  # c_t
 }
-# digest §5.3 diffusion table rows (SD1.5 50-step DDPM): t → (w_t, κ_∇DB, κ_Ours)
+# derivations §5.3 diffusion table rows (SD1.5 50-step DDPM): t → (w_t, κ_∇DB, κ_Ours)
 DIFF_T = [981, 781, 581, 381, 181, 41, 21]
-# w at t = 21: the digest prints 3.28, but its own κ_∇DB = 82.8 = ᾱ_{t−1}·w/σ there implies w = 3.275
+# w at t = 21: docs/derivations.md §5.3 prints 3.28, but its own κ_∇DB = 82.8 = ᾱ_{t−1}·w/σ there implies w = 3.275
 # (float64 from scratch: 3.27479); the printed 3.28 is a rounding slip, so 3.275 is asserted (± 5e-4).
 W_T = [0.513, 0.438, 0.388, 0.376, 0.448, 1.02, 3.275]
 K_NDB = [0.0082, 0.058, 0.242, 0.729, 2.05, 9.98, 82.8]
@@ -94,7 +94,7 @@ def test_diffusion_pcpo_reweight_is_flat():
 
 def test_diffusion_first_order_nabla_db_and_ours():
     """∇-DB: κ = (2·fls·k·λ)·ᾱ_{t−1}·w_t/σ_t; RSM-FO: κ = (2·fls·2·λ/2)… i.e. ∝ σ_t·w_t = c1 − c2.
-    The digest prints κ without the presets' constant factors; they are divided out here. κ is per row:
+    docs/derivations.md §5.3 prints κ without the presets' constant factors; they are divided out here. κ is per row:
     the presets' timestep subsampling (which steps are trained) is switched off to read every step."""
     m = registry.get("nabla_db")
     hp = m.hparams(m.influence_preset["diffusion"])

@@ -126,10 +126,10 @@ def test_flow_ode_step_matches_diffusers_euler(shift):
 def test_sd3_grid_and_flow_sde_constants():
     p = FlowProcess(num_steps=10, noise_level=0.7, shift=3.0)
     s = torch.linspace(1, 1e-3, 10, dtype=torch.float64)
-    # digest §2.3 grid; diffusers shifts its σ_min twice, so the last σ is 0.0089 rather than 0.003
+    # derivations §2.3 grid; diffusers shifts its σ_min twice, so the last σ is 0.0089 rather than 0.003
     torch.testing.assert_close(p.t[:-1], (3 * s / (1 + 2 * s))[:-1], rtol=5e-3, atol=5e-3)
     assert 0 < p.t[-1] < 0.01 and p.sigmas[-1] == 0
-    # c_t = 1 + a²/2 for t < 1 and 1 at the t = 1 edge (digest §5.3 table)
+    # c_t = 1 + a²/2 for t < 1 and 1 at the t = 1 edge (derivations §5.3 table)
     c = -p.sde.B / p.dt
     assert abs(c[0].item() - 1.0) < 1e-12
     torch.testing.assert_close(c[1:], torch.full_like(c[1:], 1 + 0.49 / 2), rtol=1e-12, atol=1e-12)

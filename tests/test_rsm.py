@@ -52,7 +52,7 @@ def test_trust_region_term_has_zero_gradient_at_behaviour_and_not_after():
 
 
 def test_minimiser_is_the_weighted_target():
-    """Per row, argmin_o C1‖o−(o_ref+γΨ̂)‖² + C2‖o−o†‖² = (C1(o_ref+γΨ̂) + C2 o†)/(C1+C2) (digest §3.3)."""
+    """Per row, argmin_o C1‖o−(o_ref+γΨ̂)‖² + C2‖o−o†‖² = (C1(o_ref+γΨ̂) + C2 o†)/(C1+C2) (derivations §3.3)."""
     pol, ref, rows = _rows("flow")
     R = len(rows)
     c1, c2 = torch.full((R,), 0.3, dtype=torch.float64), torch.full((R,), 0.7, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""rsmbench.core.tree: tree shapes, shared prefixes, NFE accounting (digest §9.5), determinism,
+"""rsmbench.core.tree: tree shapes, shared prefixes, NFE accounting (derivations §9.5), determinism,
 reward fusion and per-depth advantage normalisation against hand-computed values."""
 from types import SimpleNamespace
 
@@ -20,7 +20,7 @@ def _count_calls(policy):
     return box
 
 
-def test_nfe_formula_matches_the_digest_numbers():
+def test_nfe_formula_matches_the_derivations_numbers():
     assert tree.nfe_localised([6, 6, 8, 10, 0, 0, 0, 0, 0, 0], 10) == 258  # SD3.5 lowsnr2, 30 leaves
     assert tree.nfe_localised([6] * 9, 10) == 334  # TempFlow-like base profile, 54 leaves
     assert tree.nfe_localised([6] * 9, 10, cfg=True) == 668

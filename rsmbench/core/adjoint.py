@@ -9,7 +9,7 @@ the adjoint of a terminal function f(x_N) is a_N = ∇f(x_N) and
     a_i = A_i·a_{i+1} + (∂o(x_i)/∂x_i)ᵀ·(B_i·a_{i+1})                 (one VJP per step).
 
 - ``chain_adjoint(behaviour, …)``: the exact adjoint a_i = d r(x_N)/d x_i of the behaviour chain
-  (θ†), the Ψ̂ of DRaFT/AlignProp's RSM instance (digest §8.11): by the chain rule,
+  (θ†), the Ψ̂ of DRaFT/AlignProp's RSM instance (derivations §8.11): by the chain rule,
   ∇_θ r(x_N(θ))|_{θ†} = Σ_i a_{i+1}ᵀ·B_i·∂o_θ(x_i)/∂θ with x_i held at their rollout values.
   ``through_net`` (a bool per position) drops the network term of the steps whose output is detached
   in the original (AlignProp's per-step truncation): there a_i = A_i·a_{i+1}.

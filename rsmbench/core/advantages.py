@@ -1,4 +1,4 @@
-"""Advantages from terminal rewards: the zeroth-order control variates (digest §4.2)."""
+"""Advantages from terminal rewards: the zeroth-order control variates (derivations §4.2)."""
 from __future__ import annotations
 
 from collections import deque

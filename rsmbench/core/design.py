@@ -1,5 +1,5 @@
 """Design-space knobs applied to any method's RSM instance: the sweep axes over temporal weight
-and trust region (RSM axes 2 and 3, digest §5–§6) that are not already a method hyperparameter.
+and trust region (RSM axes 2 and 3, derivations §5–§6) that are not already a method hyperparameter.
 
 They act on the RSM formulation only (``train`` applies them to ``rsm_spec``'s output), so a knob
 turned away from its default makes a new RSM instance with no "original" counterpart.

@@ -14,6 +14,8 @@ cross-iteration state (``state_dict``) and its optimizer-step hook (``on_optimiz
 - ``original_loss(batch, ctx)``: the method as its authors wrote it;
 - ``rsm_spec(batch, ctx)``: its RSM instance (Ψ̂, γ, C1, C2, anchor) for ``rsmbench.core.rsm``.
 
+"derivations §N" in a method file refers to section N of ``docs/derivations.md``.
+
 The two formulations are computed independently: ``rsm_spec`` never calls ``original_loss``
 or reuses its terms, and ``original_loss`` never calls the RSM loss. The harness (equivalence,
 training) does everything else.
@@ -86,9 +88,9 @@ class Method:
     order: str = "zeroth"
     kind: str = "grad_at_behaviour"
     paper: str = ""  # "Author et al. Year, arXiv XXXX.XXXXX, Eq. N"
-    table1: str = ""  # Table 1 row, or "not a Table 1 row (digest §X)"
+    table1: str = ""  # Table 1 row, or "not a Table 1 row (derivations §X)"
     kind_reason: str = ""  # why `approximate`, or the conditions of exactness
-    # The RSM instance as Table 1 states it (score units, digest §7.2), shown by `rsmbench report`:
+    # The RSM instance as Table 1 states it (score units, derivations §7.2), shown by `rsmbench report`:
     # {"psi": Ψ̂, "gamma": γ(t), "c1": C1(t), "c2": C2(t) / trust region, "branching": bool,
     #  "current_state": bool (‡: a current-state estimator)}
     table_row: dict = {}

@@ -9,7 +9,7 @@ score is affine in the same output:
 
     s(x_t) = a_i·o + b_i·x_t.
 
-So μ_θ − μ_ref = B_i·(o_θ − o_ref) = Ω_i·(s_θ − s_ref) with Ω_i = B_i / a_i (digest §2.2–2.3),
+So μ_θ − μ_ref = B_i·(o_θ − o_ref) = Ω_i·(s_θ − s_ref) with Ω_i = B_i / a_i (derivations §2.2–2.3),
 and the per-step weight is w_i = −B_i / σ_i (the "DDPM weight" (c1−c2)/σ_t, resp. Flow-GRPO's
 c_t·√Δt/σ̃_t). All coefficient tables are computed in float64 from diffusers' schedulers.
 

@@ -3,10 +3,10 @@
     L(θ) = E_rows[ C1(t)·‖s_θ − sg(s_anchor + γ(t)·Ψ̂)‖² + C2(t)·‖s_θ − sg(s_θ†)‖² ]
 
 with ‖·‖² the per-element mean ⟨(·)²⟩ over the sample's elements (not the sum: a sum would be
-D times larger, the digest's factor-of-D pitfall), and E_rows the mean over training rows
+D times larger, the factor-of-D pitfall of derivations §12), and E_rows the mean over training rows
 (sample × step transitions). s_anchor is s_ref (KL-regularised methods) or s_θ† (KL-free
-methods, where the reference is the behaviour policy: Table 1 footnote * in the digest's
-reading). Ψ̂ and the anchors are stop-gradient targets.
+methods, where the reference is the behaviour policy: Table 1 footnote * as derivations §7
+reads it). Ψ̂ and the anchors are stop-gradient targets.
 
 It is computed in the network's native output space. With the score map s = a·o + b·x of
 ``rsmbench.core.process`` (a = −1/√(1−ᾱ_t) for ε, a = −(1−t)/t for v):

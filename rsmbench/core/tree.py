@@ -1,8 +1,8 @@
-"""Branching trees and stochasticity localisation for the zeroth-order samplers (digest §4.2, §9.3–9.5).
+"""Branching trees and stochasticity localisation for the zeroth-order samplers (derivations §4.2, §9.3–9.5).
 
 Two tree shapes, both built by restarting ``rollout.sample`` from stored states:
 
-- **Localised branches** (TempFlow-GRPO, arXiv 2508.04324; RSM "Ours", digest §9.3–9.4): one
+- **Localised branches** (TempFlow-GRPO, arXiv 2508.04324; RSM "Ours", derivations §9.3–9.4): one
   deterministic ODE root per seed; at each transition i with k_i > 0, k_i children restart from
   the root state x_i, take ONE stochastic step (the only True entry of their ``stochastic`` mask)
   and continue with the ODE to the end. Each child is a leaf; its single SDE transition is its
@@ -47,7 +47,7 @@ def child_generator(*key: int) -> torch.Generator:
 def branch_schedule(k, num_steps: int) -> list[int]:
     """Per-transition branch counts k_i, padded with zeros to N entries. Entries past N are an
     error; the final transition (i = N − 1) never branches (its entry is ignored, as in the RSM
-    code's 10-entry lists for N = 10, digest §9.4)."""
+    code's 10-entry lists for N = 10, derivations §9.4)."""
     k = [int(v) for v in k]
     if len(k) > num_steps or any(v < 0 for v in k):
         raise ValueError(f"branch schedule {k} must have at most {num_steps} non-negative entries")
@@ -247,7 +247,7 @@ def ode_root(policy, shape, cond, seeds, dtype=torch.float32) -> Rollout:
 
 def localised_tree(policy, shape, cond, seeds, k, dtype=torch.float32) -> Tree:
     """Deterministic ODE root per seed, k_i one-step-SDE branches at each transition i, each
-    continued by the ODE (digest §4.2 "stochasticity localization", §9.3–9.4)."""
+    continued by the ODE (derivations §4.2 "stochasticity localization", §9.3–9.4)."""
     N = policy.process.num_steps
     k = branch_schedule(k, N)
     B = len(seeds)
@@ -374,7 +374,7 @@ def fuse_rewards(parent: torch.Tensor, leaves: torch.Tensor, leaf_rewards: torch
 
 
 def group_ids(strategy: str, level: torch.Tensor, root: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """Group id per node for advantage normalisation (RSM code ``group_strategy``, digest §9.3–9.4):
+    """Group id per node for advantage normalisation (RSM code ``group_strategy``, derivations §9.3–9.4):
     ``prompt`` → (prompt, level), ``seed`` → (root, level) i.e. siblings, ``batch`` → (level).
     `level` is the branch step (localised trees) or the depth (branching trees)."""
     if strategy not in GROUP_STRATEGIES:
@@ -385,7 +385,7 @@ def group_ids(strategy: str, level: torch.Tensor, root: torch.Tensor, cond: torc
 
 
 def kl_anchor_rows(tree: Tree, max_rows: int | None = None, seed: int = 0) -> Transitions | None:
-    """ODE-KL-anchor rows (RSM code ``use_ode_kl_anchor``, digest §6, §9.3): the deterministic root
+    """ODE-KL-anchor rows (RSM code ``use_ode_kl_anchor``, derivations §6, §9.3): the deterministic root
     states at every transition that carries no branch (k_i = 0) and is not the final one (the RSM code
     collects them in ``sd3_pipeline_with_logprob_perstep.py``@e8be3df:568-596 and keeps those in the
     training window). ``max_rows`` None keeps all of them (SD3.5, ``train_sd3_pr.py``:613-617); a
@@ -412,7 +412,7 @@ def kl_anchor_rows(tree: Tree, max_rows: int | None = None, seed: int = 0) -> Tr
 def to_batch(tree: Tree, reward, **extras):
     """Query the reward once per leaf and wrap the tree's rows as a ``method.Batch``: ``rewards``
     and ``cond`` are per leaf; ``extras`` carries the tree, the leaf node ids, the NFE count
-    (per-sample network evaluations; ``nfe_cfg`` with the CFG doubling, digest §9.5) and the
+    (per-sample network evaluations; ``nfe_cfg`` with the CFG doubling, derivations §9.5) and the
     number of reward queries."""
     leaves = tree.leaves
     cond = None if tree.cond is None else tree.cond[leaves]

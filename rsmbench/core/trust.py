@@ -3,7 +3,7 @@
 Every function takes per-row tensors (the (R,) log-ratio Δ = log p_θ − log p_θ†, with log p the
 per-element mean ⟨log N⟩ of ``rsmbench.core.process``, and the (R,) advantage A) and returns the
 per-row loss; the caller takes the mean over rows. At θ = θ† (Δ = 0, ρ = 1) no clip binds, so
-every surrogate here has the unclipped gradient −A·∇Δ there (digest §6, §8.5).
+every surrogate here has the unclipped gradient −A·∇Δ there (derivations §6, §8.5).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def logrho_clip(log_ratio: torch.Tensor, adv: torch.Tensor, clip_range: float = 
 
 
 def matching_clip(neg_log_ratio: torch.Tensor, adv: torch.Tensor, clip_range: float = 1e-4) -> torch.Tensor:
-    """PCPO's matching form, max(0, ε·|A| + A·term) with term = −Δ (digest §6, RSM code
+    """PCPO's matching form, max(0, ε·|A| + A·term) with term = −Δ (derivations §6, RSM code
     ``loss_type="matching"``). Same gradient as ``logrho_clip`` wherever neither is at a kink;
     the two differ by the constant −A − ε|A| where unclipped."""
     return torch.clamp(clip_range * adv.abs() + adv * neg_log_ratio, min=0.0)
@@ -80,7 +80,7 @@ def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.
                 the same first-step gradient as "ratio", a different clip threshold off θ† (O(ε²));
     "matching": term = ½⟨(κ·Δo)²⟩ + ⟨(κ·Δo)·ξ⟩, Δo = o_θ − o_θ†, loss = ``matching_clip``(term, A)
                 (RSM code ``noise_matching_precision: bad``): the exact −log ρ of a Gaussian step
-                with weight κ, so term = −Δ for κ = w_t (PCPO-base, digest §8.5); for κ ≠ w_t the
+                with weight κ, so term = −Δ for κ = w_t (PCPO-base, derivations §8.5); for κ ≠ w_t the
                 two forms share the first-step gradient A·κ·⟨ξ·∂o⟩ but differ off θ† in the
                 quadratic term (½κ² vs ½κw).
     `out` is o_θ on the rows (CFG-combined); ⟨·⟩ per-element means."""
@@ -103,7 +103,7 @@ def pcpo_loss(process, rows, out: torch.Tensor, adv: torch.Tensor, kappa: torch.
 
 def fair_matching_clip(neg_log_ratio: torch.Tensor, adv: torch.Tensor, step_var: torch.Tensor,
                        clip_range: float = 1e-4) -> torch.Tensor:
-    """The RSM redesign's fair clip (flow, digest §6, §9.4; RSM code ``fair_clip2``):
+    """The RSM redesign's fair clip (flow, derivations §6, §9.4; RSM code ``fair_clip2``):
     max(0, ε·|A| + A·(−Δ)·σ_s²) / σ_s², σ_s² = σ̃²Δt the step variance. The matching clip with a
     per-step threshold: the row stops contributing once A·Δ > ε·|A|/σ_s² (instead of ε·|A|)."""
     return matching_clip(neg_log_ratio * step_var, adv, clip_range) / step_var

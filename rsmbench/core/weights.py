@@ -1,6 +1,6 @@
-"""Temporal weights C1(t), γ(t) and trust-region weights C2(t) (digest §5–§7), native units.
+"""Temporal weights C1(t), γ(t) and trust-region weights C2(t) (derivations §5–§7), native units.
 
-KL-natural weight (REINFORCE+KL, digest §8.4): the per-step Gaussian KL is
+KL-natural weight (REINFORCE+KL, derivations §8.4): the per-step Gaussian KL is
 KL_t = ⟨(μ_θ−μ_ref)²⟩/(2σ²) = (Ω²/2σ²)·⟨(s_θ−s_ref)²⟩ = (w²/2)·⟨(o_θ−o_ref)²⟩, so β·KL_t is the
 C1 term with C1 = β·Ω²/(2σ²) in score units, β·w²/2 in native units.
 """
@@ -17,7 +17,7 @@ def kl_natural(process, rows, beta: float = 1.0) -> torch.Tensor:
 # ---- PPO family (KL-free, anchor s_θ†): the per-step credit κ_t and γ = κ_t/w_t ----------------
 # A KL-free surrogate whose first-step gradient is A·κ_t·⟨ξ·∂o_θ⟩ (o native) is the RSM instance
 # with the likelihood-ratio Ψ̂ (β = 1), C1·a² = w_t²/2 (``kl_natural``, β = 1) and γ = κ_t/w_t:
-# −2·C1·γ·Ψ̂ = w_t²·(κ_t/w_t)·A·ξ/w_t = κ_t·A·ξ (digest §7.2, caveat: only C1·γ·Ψ̂ is fixed).
+# −2·C1·γ·Ψ̂ = w_t²·(κ_t/w_t)·A·ξ/w_t = κ_t·A·ξ (derivations §7.2, caveat: only C1·γ·Ψ̂ is fixed).
 
 def relative_gamma(process, rows, kappa) -> torch.Tensor:
     """γ = κ_t / w_t per row; κ is a scalar or (R,)."""
@@ -26,12 +26,12 @@ def relative_gamma(process, rows, kappa) -> torch.Tensor:
 
 
 def kappa_step_size(process, rows, zeta: float) -> torch.Tensor:
-    """κ = ζ·Δt_i (PCPO-reweight flow, digest §8.7): credit proportional to the step size."""
+    """κ = ζ·Δt_i (PCPO-reweight flow, derivations §8.7): credit proportional to the step size."""
     return zeta * process.dt[rows.step].to(rows.x.dtype)
 
 
 def kappa_guard(process, rows) -> torch.Tensor:
-    """κ = c_t = −B_t/Δt_i (GRPO-Guard, digest §8.10): σ_s·w_t/Δt, constant 1 + a²/2 for t < 1."""
+    """κ = c_t = −B_t/Δt_i (GRPO-Guard, derivations §8.10): σ_s·w_t/Δt, constant 1 + a²/2 for t < 1."""
     return (-process.sde.B / process.dt)[rows.step].to(rows.x.dtype)
 
 
@@ -40,7 +40,7 @@ def kappa_guard(process, rows) -> torch.Tensor:
 # mean over D elements), averaged over the m rows of a sample; a pathwise original sums (DRaFT-K,
 # AlignProp: m = K steps) or averages (DRaFT-LV draws, ReFL: 1 step) its per-step terms
 # (Ψ̂/a)ᵀ∂o_θ. So C1·a² = D·m/2 (summed) or D/2 (averaged): the D is the ⟨·⟩-vs-scalar-reward
-# factor, the m the mean-over-rows-vs-sum-over-steps factor (digest §12 pitfalls).
+# factor, the m the mean-over-rows-vs-sum-over-steps factor (derivations §12 pitfalls).
 
 def pathwise(rows, steps_summed: int = 1) -> torch.Tensor:
     """C1·a² = D·m/2 per row (m = number of per-step terms the original sums per sample)."""
@@ -49,7 +49,7 @@ def pathwise(rows, steps_summed: int = 1) -> torch.Tensor:
 
 
 def vgg_eta(process, rows, mode: str = "quad") -> torch.Tensor:
-    """VGG-Flow's temporal factor η(σ) (RSM code ``eta_mode``, digest §5.3/§9.2): 'quad' (1−σ)²
+    """VGG-Flow's temporal factor η(σ) (RSM code ``eta_mode``, derivations §5.3/§9.2): 'quad' (1−σ)²
     (baseline) or 'linear' (1−σ) (RSM first-order flow redesign); σ = flow time t of the row."""
     if process.kind != "flow":
         raise ValueError("vgg_eta applies to the flow process only")
@@ -63,8 +63,8 @@ def vgg_eta(process, rows, mode: str = "quad") -> torch.Tensor:
 
 # ---- first-order matching family (∇-DB, SQDF): transition-score weights --------------------------
 # ∇-DB regresses k·s̃_θ onto k·s̃_ref + λ·κ·G, with s̃ = ∇_{x'} log p(x'|x) = −(x'−μ)/σ² the transition
-# score; s̃_θ − s̃_ref = (μ_θ − μ_ref)/σ² = (B/σ²)·(o_θ − o_ref) (digest §2.2), so the forward loss is
-# C1·a² = (k·B/σ²)² times a native matching loss with γ·Ψ̂/a = κ·σ²·λ·G/(k·B) (digest §8.3).
+# score; s̃_θ − s̃_ref = (μ_θ − μ_ref)/σ² = (B/σ²)·(o_θ − o_ref) (derivations §2.2), so the forward loss is
+# C1·a² = (k·B/σ²)² times a native matching loss with γ·Ψ̂/a = κ·σ²·λ·G/(k·B) (derivations §8.3).
 
 def transition_matching(process, rows, strength=1.0) -> torch.Tensor:
     """C1·a² = (k·B_i/σ_i²)² per row (∇-DB forward loss; k = ``pretrained_strength``)."""
@@ -156,15 +156,15 @@ def subsampled_rows(rows, process, hp: dict, seed: int, min_step: int = 0):
 
 # ---- zeroth-order tree / localisation methods (TempFlow-GRPO, Branch-GRPO, RSM-ZO) -----------------
 # Credits κ_t for ``relative_gamma`` (γ = κ_t/w_t); RSM-ZO flow uses ``kappa_guard`` (c_t), RSM-ZO
-# diffusion the constant κ = w/s of PCPO-reweight (digest §8.6).
+# diffusion the constant κ = w/s of PCPO-reweight (derivations §8.6).
 
 def kappa_noise_aware(process, rows, scale: float = 2.25) -> torch.Tensor:
     """TempFlow-GRPO's noise-aware weight (arXiv 2508.04324; RSM code ``tempflow_reweight``):
-    the PPO term × scale·σ_s (σ_s = σ̃√Δt), so κ = scale·σ_s·w_t = scale·c_t·Δt (digest §5.3)."""
+    the PPO term × scale·σ_s (σ_s = σ̃√Δt), so κ = scale·σ_s·w_t = scale·c_t·Δt (derivations §5.3)."""
     return scale * (process.std(rows.step) * process.weight(rows.step)).to(rows.x.dtype)
 
 
 def branch_count_weight(k_row: torch.Tensor, k_avg: float) -> torch.Tensor:
-    """k_avg/k per row (RSM code, digest §9.3–9.4): every branching transition weighs the same
+    """k_avg/k per row (RSM code, derivations §9.3–9.4): every branching transition weighs the same
     whatever its number of branches k; k_avg is the mean k over the branching transitions."""
     return k_avg / k_row.to(torch.float64)

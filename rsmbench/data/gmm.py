@@ -1,15 +1,15 @@
 """The `gmm` ground-truth task: an isotropic Gaussian mixture, its exact reward tilts, the exact
 noised marginals of both processes, and the metrics that compare a fine-tuned model to the optimum.
 
-The RSM toy (arXiv 2604.17415, digest §4.3): three unit-variance components with equal weights at
+The RSM toy (arXiv 2604.17415, derivations §4.3): three unit-variance components with equal weights at
 (3, −√3), (−3, −√3), (0, 2√3). For a reward whose exp-tilt keeps a Gaussian a Gaussian (linear or
-concave quadratic), the KL-regularised optimum p*(x) ∝ p_ref(x)·exp(r(x)/α) (digest §2.1) is again
+concave quadratic), the KL-regularised optimum p*(x) ∝ p_ref(x)·exp(r(x)/α) (derivations §2.1) is again
 a mixture, computed here in closed form, with J* = α·log E_ref[exp(r/α)] = α·log Σ_k w_k Z_k.
 
 Noised marginals (component k, data N(m_k, s_k² I)):
     diffusion  x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε   →  N(√ᾱ_t·m_k, (ᾱ_t s_k² + 1 − ᾱ_t) I)
     flow       x_t = (1−t)·x0 + t·ε         →  N((1−t)·m_k, ((1−t)² s_k² + t²) I)
-so the exact value gradient Ψ_t(x) = ∇log p*_t(x) − ∇log p_ref,t(x) (digest §2.1) is available for
+so the exact value gradient Ψ_t(x) = ∇log p*_t(x) − ∇log p_ref,t(x) (derivations §2.1) is available for
 every step of either process: the ground truth of the estimator study.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Estimator study on `gmm` (the RSM paper's Figure 2; arXiv 2604.17415, digest §4.2–4.3).
+"""Estimator study on `gmm` (the RSM paper's Figure 2; arXiv 2604.17415, derivations §4.2–4.3).
 
 At 50 fixed points x_t (x_t = √ᾱ_t·x_data + √(1−ᾱ_t)·n, x_data from the tilted target p*) of the
 `gmm` task's diffusion grid (20-step DDPM, T = 1000 linear β; evaluation step with ᾱ_t = 0.0134,
@@ -13,7 +13,7 @@ Rollouts from x_t use a *model* of the reference marginals:
   its approximation error adds to the bias. (The paper's toy rolls out its *fine-tuned* model.)
 
 Estimators (shared code, native → score units with ``rsmbench.core.rsm.to_score``):
-- zeroth-order likelihood ratio ``estimators.likelihood_ratio`` (digest §4.2): Ψ̂ = (σ/Ω)·mean[A·ξ]/α,
+- zeroth-order likelihood ratio ``estimators.likelihood_ratio`` (derivations §4.2): Ψ̂ = (σ/Ω)·mean[A·ξ]/α,
   A = r (no control variate, "PPO-like") or r − mean r (group mean, "GRPO-like");
 - first-order current-state ``first.current_state`` (DPS/Tweedie, ‡), k-step lookahead
   ``first.lookahead`` (SQDF-2 = k = 2 DDIM steps then Tweedie), next-state ``first.next_state`` +
@@ -51,11 +51,11 @@ KIND = "diffusion"
 TARGET_ALPHABAR = 0.01
 N_POINTS = 50
 LOG2_N = {"full": (4, 6, 8, 10, 12), "quick": (4, 6, 8)}  # paper: 4…16; scaled down for 2 CPU cores
-BRANCH_CONFIGS = ((1, 1), (2, 2), (3, 2), (4, 2), (2, 4))  # (#split, #branch), digest §4.2
+BRANCH_CONFIGS = ((1, 1), (2, 2), (3, 2), (4, 2), (2, 4))  # (#split, #branch), derivations §4.2
 
 
 class ExactNet(torch.nn.Module):
-    """ε of the mixture's exact noised marginal: ε(x_t) = −√(1−ᾱ_t)·∇log p_t(x_t) (digest §2.2)."""
+    """ε of the mixture's exact noised marginal: ε(x_t) = −√(1−ᾱ_t)·∇log p_t(x_t) (derivations §2.2)."""
 
     prediction = "epsilon"
     num_classes = 0
@@ -141,7 +141,7 @@ def rows_at(process, i: int, x: torch.Tensor, noise: torch.Tensor) -> Transition
 def zo_estimate(S: Setting, noise: torch.Tensor, r: torch.Tensor, cv) -> torch.Tensor:
     """Ψ̂ (score units) per point from (P, n) rewards and (P, n, d) first-step noises.
     cv: False (A = r), True (A = r − mean r), or 'tilted' (A = α·(e^{r/α}/mean e^{r/α} − 1): the
-    self-normalised Doob weights of digest §2.1, μ* − μ_ref = σ·E[ξ·h]/E[h], exact beyond small 1/α)."""
+    self-normalised Doob weights of derivations §2.1, μ* − μ_ref = σ·E[ξ·h]/E[h], exact beyond small 1/α)."""
     P, n, d = noise.shape
     if cv == "tilted":
         A = S.alpha * (torch.softmax(r / S.alpha, dim=1) * n - 1)
@@ -154,7 +154,7 @@ def zo_estimate(S: Setting, noise: torch.Tensor, r: torch.Tensor, cv) -> torch.T
 
 @torch.no_grad()
 def doob_target(S: Setting, n: int = 2**16, seed: int = 9) -> torch.Tensor:
-    """The exact one-step target of every transition-level estimator (digest §2.1): the Doob step's
+    """The exact one-step target of every transition-level estimator (derivations §2.1): the Doob step's
     mean shift μ* − μ_ref = σ·E[ξ·h(x')]/E[h(x')], x' = μ_ref(x_t) + σξ, with the exact
     h(x') ∝ p*_{t'}(x')/p_ref,t'(x') of the mixtures (self-normalised over n draws of ξ), in score
     units (÷Ω). Its distance to Ψ_t(x_t) is the time-discretisation floor of the 20-step grid."""

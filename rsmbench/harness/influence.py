@@ -1,10 +1,10 @@
 """Temporal influence κ(t) and the normalized influence h(t) of every registered method (the RSM
-paper's h(t) figure; RSM arXiv 2604.17415, digest §5.2–5.3).
+paper's h(t) figure; RSM arXiv 2604.17415, derivations §5.2–5.3).
 
 At θ = θ† the value-guidance part of a row's RSM gradient is −2·C1·γ·⟨Ψ̂·∂s_θ⟩; in native units
 (``rsmbench.core.rsm``: c1 = C1·a², ψ = Ψ̂/a) it is −2·c1·γ·⟨ψ·∂o_θ⟩. Writing ψ as a multiple of the raw
 signal G of the method (zeroth-order: G = A·ξ; first-order: the stop-gradient reward gradient the
-method uses), the per-row coefficient is (digest §5.2)
+method uses), the per-row coefficient is (derivations §5.2)
 
     κ_row = 2·c1·γ·|⟨ψ·G⟩| / ⟨G·G⟩          (the 2 is d/do of the squared norm),
 

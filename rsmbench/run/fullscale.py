@@ -20,7 +20,7 @@ This module makes SD look exactly like that, so every method runs unchanged on i
   Flow-GRPO FAQ recommends fp16 over bf16 for that reason (anchors.md §1b), hence ``precision='fp16'``
   is the default of the zeroth-order (likelihood-ratio) methods.
 
-Profiles (digest §2.2, §2.3, §9; anchors §3a): ``sd15`` = SD1.5, 50-step DDIM with η = 1 (DDPM
+Profiles (derivations §2.2, §2.3, §9; anchors §3a): ``sd15`` = SD1.5, 50-step DDIM with η = 1 (DDPM
 posterior), CFG 5.0 (DDPO / AlignProp); ``sd35`` = SD3.5-Medium, shifted (shift 3) Flow-GRPO SDE grid
 with 10 steps (zeroth-order) / 20 (first-order) / 40 (evaluation), noise level a = 0.7, CFG 4.5
 (zeroth-order) / 5.0 (first-order). Nothing is downloaded unless ``allow_download=True``.
@@ -52,7 +52,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # ---- profiles ----------------------------------------------------------------------------------
 SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")  # Flow-GRPO config/grpo.py
-SD15_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # DDPO / AlignProp / RSM sd15 (digest §9.1)
+SD15_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # DDPO / AlignProp / RSM sd15 (derivations §9.1)
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,16 @@ PROFILES = {
         name="sd15", kind="diffusion", model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         pipeline="StableDiffusionPipeline", process=dict(eta=1.0),
         cfg_scale={"zeroth": 5.0, "first": 5.0}, num_steps={"zeroth": 50, "first": 50, "eval": 50},
-        lora={"zeroth": dict(r=16, alpha=16, targets=SD15_LORA_TARGETS, source="RSM sd15 zeroth-order, digest §9.3"),
-              "first": dict(r=8, alpha=8, targets=SD15_LORA_TARGETS, source="RSM sd15 first-order, digest §9.1")},
+        lora={"zeroth": dict(r=16, alpha=16, targets=SD15_LORA_TARGETS,
+                             source="RSM sd15 zeroth-order, derivations §9.3"),
+              "first": dict(r=8, alpha=8, targets=SD15_LORA_TARGETS, source="RSM sd15 first-order, derivations §9.1")},
         source="DDPO (arXiv 2305.13301) / AlignProp (arXiv 2310.03739): 50 DDIM steps, eta 1, CFG 5.0, 512 px"),
     "sd35": Profile(
         name="sd35", kind="flow", model="stabilityai/stable-diffusion-3.5-medium",
         pipeline="StableDiffusion3Pipeline", process=dict(noise_level=0.7),
         cfg_scale={"zeroth": 4.5, "first": 5.0}, num_steps={"zeroth": 10, "first": 20, "eval": 40},
-        lora={"zeroth": dict(r=32, alpha=64, targets=SD3_LORA_TARGETS, source="Flow-GRPO / RSM sd35, digest §9.4"),
-              "first": dict(r=8, alpha=8, targets=SD3_LORA_TARGETS, source="VGG-Flow / RSM sd35, digest §9.2")},
+        lora={"zeroth": dict(r=32, alpha=64, targets=SD3_LORA_TARGETS, source="Flow-GRPO / RSM sd35, derivations §9.4"),
+              "first": dict(r=8, alpha=8, targets=SD3_LORA_TARGETS, source="VGG-Flow / RSM sd35, derivations §9.2")},
         source="Flow-GRPO (arXiv 2505.05470): shift-3 grid, 10/20/40 steps, a = 0.7, CFG 4.5 / 5.0, 512 px"),
 }
 

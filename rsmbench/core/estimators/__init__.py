@@ -1,4 +1,4 @@
-"""Value-guidance estimators Ψ̂ (digest §4), in native units Ψ̂/a (see ``rsmbench.core.rsm``).
+"""Value-guidance estimators Ψ̂ (derivations §4), in native units Ψ̂/a (see ``rsmbench.core.rsm``).
 
 ``zeroth``: black-box reward (likelihood ratio, control variates, branching).
 ``first``: differentiable reward (current-state Tweedie, next-state, lookahead, terminal, adjoint).

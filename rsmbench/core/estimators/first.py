@@ -1,5 +1,5 @@
 """First-order value-guidance estimators (differentiable reward), in native units Ψ̂/a (see
-``rsmbench.core.rsm``; digest §4.1): current-state Tweedie, next-state, k-step lookahead, terminal
+``rsmbench.core.rsm``; derivations §4.1): current-state Tweedie, next-state, k-step lookahead, terminal
 Jacobian-free, and the exact adjoint."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _table(process, rows):
 
 
 def adjoint_pullback(process, rows, adj_next: torch.Tensor, weight=1.0) -> torch.Tensor:
-    """Exact full-trajectory estimator (DRaFT / AlignProp, digest §8.11): Ψ̂/a = ω·B_i·a_{i+1}.
+    """Exact full-trajectory estimator (DRaFT / AlignProp, derivations §8.11): Ψ̂/a = ω·B_i·a_{i+1}.
 
     a_{i+1} = d r(x_N)/d x_{i+1} is the exact adjoint of the remaining chain
     (``rsmbench.core.adjoint.chain_adjoint``); B_i·a_{i+1} = (∂μ_i/∂o)ᵀ·a_{i+1} is its pull-back to the
@@ -36,7 +36,7 @@ def adjoint_pullback(process, rows, adj_next: torch.Tensor, weight=1.0) -> torch
 
 
 def tweedie_pullback(process, rows, g_x0: torch.Tensor, weight=1.0) -> torch.Tensor:
-    """Current-state Tweedie estimator with the exact output Jacobian (ReFL, digest §8.11):
+    """Current-state Tweedie estimator with the exact output Jacobian (ReFL, derivations §8.11):
     Ψ̂/a = ω·(∂x̂₀/∂o)ᵀ·∇r(x̂₀), with ∂x̂₀/∂o = −√(1−ᾱ_t)/√ᾱ_t (ε) or −t (v), read off the
     process's affine Tweedie map. g_x0 = ∇r at x̂₀(x_t, o_θ†) of each row."""
     zero = torch.zeros_like(rows.x)
@@ -45,7 +45,7 @@ def tweedie_pullback(process, rows, g_x0: torch.Tensor, weight=1.0) -> torch.Ten
 
 
 def stein_shift(process, rows, g_next: torch.Tensor, scale=1.0) -> torch.Tensor:
-    """Transition-level (Stein) estimator, digest §2.1/§4.1: the tilted step's mean shift is
+    """Transition-level (Stein) estimator, derivations §2.1/§4.1: the tilted step's mean shift is
     σ_i²·∇_{x'} log h(x'), so Ψ̂ = (σ_i²/Ω_i)·λ·g in score units and Ψ̂/a = λ·σ_i²·g/B_i native.
     g is a gradient at (or propagated to) the next state: the terminal ∇_{x_N} r (RSM first-order
     diffusion, §9.1 ``use_z0``) or minus the lean adjoint (Adjoint Matching)."""
@@ -121,21 +121,21 @@ def _grad_of_reward(reward, fn, x, cond, return_value: bool = False):
 
 
 def current_state(policy, reward, x, step, cond=None, jacobian: bool = True) -> torch.Tensor:
-    """G = ∇_{x_t} r(x̂0(x_t)) (digest §4.1, current-state / DPS estimator, Table 1's ‡).
+    """G = ∇_{x_t} r(x̂0(x_t)) (derivations §4.1, current-state / DPS estimator, Table 1's ‡).
     ``jacobian=True``: exact, through o_θ(x_t); False: through the detached output (VGG-Flow)."""
     return _grad_of_reward(reward, lambda z: _tweedie_or_final(policy, z, step, cond, jacobian), x, cond)
 
 
 def next_state(policy, reward, rows, jacobian: bool = True) -> torch.Tensor:
     """G = ∇_{x'} r(x̂0(x')) at the sampled next state x' = x_{t_{i+1}}, Tweedie at step i+1
-    (x̂0 = x' after the last step): ∇-DB's transition-level estimator (digest §4.1, §8.3)."""
+    (x̂0 = x' after the last step): ∇-DB's transition-level estimator (derivations §4.1, §8.3)."""
     return current_state(policy, reward, rows.x_next, rows.step + 1, rows.cond, jacobian)
 
 
 def lookahead(policy, reward, x, step, cond=None, k: int = 1, jacobian: bool = True,
               return_value: bool = False):
     """G = ∇_x r(x̂0(Φ_k(x))): k deterministic steps (DDIM η = 0 / Euler ODE) of `policy` from
-    step i, then Tweedie at step i + k (digest §4.1 lookahead; the RSM toy's SQDF-2 is k = 2).
+    step i, then Tweedie at step i + k (derivations §4.1 lookahead; the RSM toy's SQDF-2 is k = 2).
     Steps past the end stop at the final sample. k = 0 is ``current_state``. ``return_value``:
     (G, r(x̂0(Φ_k(x)))) (SQDF masks its loss with that reward's sign)."""
     if k < 0:

@@ -1,6 +1,6 @@
 """Zeroth-order value-guidance estimators, in native units Ψ̂/a (see ``rsmbench.core.rsm``).
 
-Zeroth-order, single-step likelihood ratio (digest §4.2, §8.4). For a stochastic step
+Zeroth-order, single-step likelihood ratio (derivations §4.2, §8.4). For a stochastic step
 x' = μ_θ†(x) + σ·ξ with advantage A (reward minus a control variate),
 
     Ψ̂ = (σ / (β·Ω))·A·ξ                    (score units, Ω = B/a)
