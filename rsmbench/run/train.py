@@ -33,6 +33,7 @@ import torch
 from rsmbench.core import method as registry
 from rsmbench.core.method import FORMULATIONS, Context, formulation_loss
 from rsmbench.core.models import Policy
+from rsmbench.data.shapes import save_captioned_grid
 from rsmbench.run import budget as budgets
 from rsmbench.run import distributed, setup
 from rsmbench.run.accounting import Counters, CountingReward
@@ -120,7 +121,14 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         if ckpt_dir is not None:
             png = ckpt_dir / f"samples_{it:06d}.png"
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']}) iteration {it}"
-            if S.to_images is not None:
+            if hasattr(evaluator.reward, "passed"):  # pass/fail per image (shapes): captioned with the prompt
+                n = min(len(x), 24)
+                names = spec["prompts"]["names"]
+                ok = evaluator.reward.passed(x[:n], evaluator.cond[:n]).tolist()
+                acc = ev.get("eval/accuracy/overall")
+                save_captioned_grid(x[:n], [names[int(c)] for c in evaluator.cond[:n]], png, passed=ok, ncol=8,
+                                    title=title + ("" if acc is None else f": accuracy {acc:.2f}"))
+            elif S.to_images is not None:
                 plot_samples(png, S.to_images(x), title)
             else:
                 plot_samples(png, x, title, base=evaluator.base.final, target=None if gt is None else gt.exact_a)
