@@ -122,11 +122,12 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             png = ckpt_dir / f"samples_{it:06d}.png"
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']}) iteration {it}"
             if hasattr(evaluator.reward, "passed"):  # pass/fail per image (shapes): captioned with the prompt
-                n = min(len(x), 24)
+                cond = evaluator.cond.tolist()
+                keep = [cond.index(c) for c in dict.fromkeys(cond)][:24]  # the first sample of each prompt
                 names = spec["prompts"]["names"]
-                ok = evaluator.reward.passed(x[:n], evaluator.cond[:n]).tolist()
+                ok = evaluator.reward.passed(x[keep], evaluator.cond[keep]).tolist()
                 acc = ev.get("eval/accuracy/overall")
-                save_captioned_grid(x[:n], [names[int(c)] for c in evaluator.cond[:n]], png, passed=ok, ncol=8,
+                save_captioned_grid(x[keep], [names[cond[k]] for k in keep], png, passed=ok, ncol=8,
                                     title=title + ("" if acc is None else f": accuracy {acc:.2f}"))
             elif S.to_images is not None:
                 plot_samples(png, S.to_images(x), title)
