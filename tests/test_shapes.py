@@ -286,7 +286,7 @@ def test_summary_shows_genevals_per_category_accuracy():
 
     b = {"eval/accuracy/overall": 0.25, "eval/accuracy/position": 0.0, "eval/reward_mean": 0.2}
     text = SM.base_text(b)
-    assert "accuracy 0.25" in text and "position 0.00" in text
+    assert "accuracy: overall 0.25" in text and "position 0.00" in text
     row = SM.Row(group="g", method="grpo", formulation="original", process="flow", name="grpo (original, flow)",
                  seeds=[0, 1, 2], budget=210, spent=[210.0] * 3,
                  intervals={"eval/accuracy/overall": (0.5, 0.4, 0.6), "eval/accuracy/counting": (0.75, 0.7, 0.8)})

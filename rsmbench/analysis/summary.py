@@ -212,7 +212,8 @@ def base_text(b: dict) -> str:
                      f"{_num(b.get('eval/gap_ref'))}")
         parts.append(f"SW→p* {_num(b.get('eval/sw_to_target'))} (exact-vs-exact floor "
                      f"{_num(b.get('eval/sw_floor_exact'))}, base-vs-mixture {_num(b.get('eval/sw_base_to_mixture'))})")
-    acc = [f"{c} {b[f'eval/accuracy/{k}']:.2f}" for c, k in ACCURACY.items() if f"eval/accuracy/{k}" in b]
+    acc = [f"{k if c == 'accuracy' else c} {b[f'eval/accuracy/{k}']:.2f}" for c, k in ACCURACY.items()
+           if f"eval/accuracy/{k}" in b]
     if acc:
         parts.append("accuracy: " + ", ".join(acc))
     if "eval/diversity" in b:
