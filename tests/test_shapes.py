@@ -279,3 +279,19 @@ def test_committed_base_models_load_with_their_hash_and_match_the_task_file():
         assert meta["data"] == OmegaConf.to_container(cfg.data)
         assert meta["process_kwargs"] == OmegaConf.to_container(pc.process)
         assert meta["pretrain"]["cond_dropout"] > 0  # CFG is trained in
+
+
+def test_summary_shows_genevals_per_category_accuracy():
+    from rsmbench.analysis import summary as SM
+
+    b = {"eval/accuracy/overall": 0.25, "eval/accuracy/position": 0.0, "eval/reward_mean": 0.2}
+    text = SM.base_text(b)
+    assert "accuracy: overall 0.25" in text and "position 0.00" in text
+    row = SM.Row(group="g", method="grpo", formulation="original", process="flow", name="grpo (original, flow)",
+                 seeds=[0, 1, 2], budget=210, spent=[210.0] * 3,
+                 intervals={"eval/accuracy/overall": (0.5, 0.4, 0.6), "eval/accuracy/counting": (0.75, 0.7, 0.8)})
+    lines = SM.table([row], list(SM.ACCURACY)).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert head[3:10] == ["accuracy", "single", "two obj.", "counting", "colors", "position", "attr."]
+    assert cells[3] == "0.50 [0.40, 0.60]" and cells[6] == "0.75 [0.70, 0.80]" and cells[4] == "–"

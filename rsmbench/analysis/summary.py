@@ -34,6 +34,10 @@ COLUMNS = {
     "SW→p*": ("eval/sw_to_target", False, 3), "diversity": ("eval/diversity", True, 3),
     "prior FD": ("eval/prior_frechet", False, 3),
 }
+# a reward's own eval protocol (``eval_metrics``; shapes: GenEval's accuracies), shown when logged
+ACCURACY = {"accuracy": "overall", "single": "single_object", "two obj.": "two_object", "counting": "counting",
+            "colors": "colors", "position": "position", "attr.": "color_attr"}
+COLUMNS.update({c: (f"eval/accuracy/{k}", True, 2) for c, k in ACCURACY.items()})
 
 
 @dataclass
@@ -199,7 +203,8 @@ def base_values(tracker, rows: list[Row]) -> dict:
 
 
 BASE_CONSTANTS = ("J_star_model", "J_star_exact", "gap_ref", "sw_floor_exact", "sw_base_to_mixture")
-BASE_SHOWN = ("eval/reward_mean", "eval/J", "eval/diversity", "eval/sw_to_target")
+BASE_SHOWN = ("eval/reward_mean", "eval/J", "eval/diversity", "eval/sw_to_target",
+              *(f"eval/accuracy/{k}" for k in ACCURACY.values()))
 
 
 def base_text(b: dict) -> str:
@@ -211,6 +216,10 @@ def base_text(b: dict) -> str:
                      f"{_num(b.get('eval/gap_ref'))}")
         parts.append(f"SW→p* {_num(b.get('eval/sw_to_target'))} (exact-vs-exact floor "
                      f"{_num(b.get('eval/sw_floor_exact'))}, base-vs-mixture {_num(b.get('eval/sw_base_to_mixture'))})")
+    acc = [f"{k if c == 'accuracy' else c} {b[f'eval/accuracy/{k}']:.2f}" for c, k in ACCURACY.items()
+           if f"eval/accuracy/{k}" in b]
+    if acc:
+        parts.append("accuracy: " + ", ".join(acc))
     if "eval/diversity" in b:
         parts.append(f"diversity {_num(b['eval/diversity'])}")
     return "; ".join(parts)
@@ -224,6 +233,8 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
     rows = collect_rows(tracker, exp, {config_hash(s) for s in specs})
     gmm = any("eval/J_gap" in r.values for r in rows)
     columns = ["reward", "KL", "J", "J-gap", "J-gap exact", "SW→p*"] if gmm else ["reward", "KL"]
+    if any("eval/accuracy/overall" in r.values for r in rows):  # GenEval-style: overall, then per category
+        columns = list(ACCURACY) + ["KL"]
     columns += ["diversity", "prior FD"]
     metric, higher = str(cfg.bench.get("metric", "eval/reward_mean")), bool(cfg.bench.get("higher_is_better", True))
     bases = base_values(tracker, rows)

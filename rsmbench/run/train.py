@@ -33,6 +33,7 @@ import torch
 from rsmbench.core import method as registry
 from rsmbench.core.method import FORMULATIONS, Context, formulation_loss
 from rsmbench.core.models import Policy
+from rsmbench.data.shapes import save_captioned_grid
 from rsmbench.run import budget as budgets
 from rsmbench.run import distributed, fullscale, setup
 from rsmbench.run.accounting import Counters, CountingReward
@@ -124,7 +125,15 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
             view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts)
             png = ckpt_dir / f"samples_{it:06d}.png"
-            plot_samples(png, title=title, **view)
+            if hasattr(evaluator.reward, "passed"):  # pass/fail per image (shapes): captioned with the prompt
+                cond = evaluator.cond.tolist()
+                keep = [cond.index(c) for c in dict.fromkeys(cond)][:24]  # the first sample of each prompt
+                ok = evaluator.reward.passed(x[keep], evaluator.cond[keep]).tolist()
+                acc = ev.get("eval/accuracy/overall")
+                save_captioned_grid(x[keep], [names[cond[k]] for k in keep], png, passed=ok, ncol=8,
+                                    title=f"{title} iteration {it}" + ("" if acc is None else f": accuracy {acc:.2f}"))
+            else:
+                plot_samples(png, title=title, **view)
             log_artifact(png)
             last_view.update(it=it, view=view, title=title, refs=ref_pts)
             if last:
