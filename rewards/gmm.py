@@ -1,6 +1,6 @@
 """Rewards of the `gmm` task, each with its exact tilt of a Gaussian mixture (``rsmbench.data.gmm``).
 
-- ``gmm_linear``: the RSM toy reward r(x) = −x₁/2 + 3 with α = 1 (arXiv 2604.17415, digest §4.3);
+- ``gmm_linear``: the RSM toy reward r(x) = −x₁/2 + 3 with α = 1 (arXiv 2604.17415, derivations §4.3);
   the tilt shifts every component by s²·b/α = (−½, 0) and reweights them ∝ (e^{−1.5}, e^{1.5}, 1).
 - ``gmm_quadratic``: r(x) = r0 − (λ/2)‖x − c‖², whose tilt of a Gaussian mixture is again a
   Gaussian mixture (precision 1/s² + λ/α).

@@ -5,7 +5,7 @@ Each loads its weights when they are present locally and otherwise raises ``Miss
 project convention ([−1, 1], (B, 3, H, W)); ``cond`` ids index ``self.prompts`` (set by
 ``rsmbench.run.fullscale.LatentReward`` from the task's prompt list). All three are differentiable
 (torch CLIP preprocessing, ``rewards.laion_aesthetic.clip_preprocess``), so first-order methods can
-use them; RSM's first-order SD experiments use HPS v2.1 (digest §9.1, §9.2).
+use them; RSM's first-order SD experiments use HPS v2.1 (derivations §9.1, §9.2).
 
 - PickScore (Kirstain et al. 2023, arXiv 2305.01569): a CLIP-H/14 fine-tuned on Pick-a-Pic;
   score = exp(logit_scale)·⟨ê_img, ê_txt⟩ (the model card's inference code). transformers only:
