@@ -147,7 +147,7 @@ CASES = [
     ("checkpoint_bad_sidecar", [*GMM, "--methods", "grpo", "processes.flow.model.checkpoint={tmp}/bad.safetensors"],
      ["unreadable checkpoint sidecar"]),
     # ---- sweep files -----------------------------------------------------------------------------------------
-    ("sweep_missing", ["sweep", "{tmp}/nofile.yaml"], ["no sweep file", "the shipped sweeps are"]),
+    ("sweep_missing", ["sweep", "{tmp}/nofile.yaml"], ["no sweep file", "the shipped sweeps"]),
     ("sweep_malformed", ["sweep", "{sweep:malformed}"], ["malformed sweep file"]),
     ("sweep_list", ["sweep", "{sweep:list}"], ["a sweep file is a mapping"]),
     ("sweep_no_axes", ["sweep", "{sweep:no_axes}"], ["missing required key 'axes'"]),

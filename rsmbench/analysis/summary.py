@@ -251,7 +251,8 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
              f"({cfg.budget.reward_queries}, {cfg.budget.mode}) within 1 %; eval: {cfg.eval.num_samples} samples, "
              f"seeds from {cfg.eval.seed_start}, sampler {cfg.eval.sampler}. Each row is one configuration; its "
              "cells are the IQM over seeds of the final eval and its 95 % stratified-bootstrap CI. Marks "
-             f"(selection metric `{metric}`): best; ≈ best = cannot be told apart from the best at 95 % "
+             f"(selection metric `{metric}`, within each process: each has its own base model): best; ≈ best = "
+             "cannot be told apart from the best at 95 % "
              "(probability of improvement); > base = the CI is above the base model.", "", text, ""]
     for proc, b in sorted(bases.items()):
         lines.append(f"- {proc} base model (iteration 0 of every run): " + base_text(b))
