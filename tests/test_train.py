@@ -58,9 +58,10 @@ def test_evaluator_is_shared_and_iteration_zero_reuses_the_base_samples(tmp_path
     assert tiny_evaluator(run_spec(cfg, "grpo", "rsm", "flow", 3)) is ev  # every run spec of the task contains it
     other = tasks.load("gmm", tiny_overrides(tmp_path) + ["eval.seed_start=7"])
     assert tiny_evaluator(eval_spec(other, "flow")) is not ev
-    fresh, x_fresh = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale))
-    reused, x_reused = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale), at_base=True)
-    assert torch.equal(x_fresh, x_reused) and fresh == reused and reused["eval/kl_ref"] == 0.0
+    fresh, x_fresh, r_fresh = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale))
+    reused, x_reused, r_reused = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale), at_base=True)
+    assert torch.equal(x_fresh, x_reused) and torch.equal(r_fresh, r_reused)
+    assert fresh == reused and reused["eval/kl_ref"] == 0.0
 
 
 def test_method_state_is_checkpointed_and_restored_on_resume(tmp_path, monkeypatch):
