@@ -1,6 +1,7 @@
 """The claims study: each verdict rule on synthetic per-seed values (a clear win is supported, a clear loss
 contradicted, overlapping intervals inconclusive with the power they had), and `claims` on a tiny store
 building the report and reusing every run on a second call."""
+import math
 import os
 import re
 
@@ -52,6 +53,10 @@ def test_speedup_from_curves():
     assert claims.speedup(red, base, True)[0] == pytest.approx(2.0)
     never = [([0.0, 50.0, 100.0], [0.0, 0.2, 0.4])] * 2
     assert claims.speedup(never, base, True)[0] == 0.0
+    # a baseline that ends below where both started: the redesign "reaches" it at 0 queries, which is no
+    # speed-up at all (it was 0 before this fix, and counted as evidence against the claim)
+    worse = [([0.0, 50.0, 100.0], [0.0, -0.5, -1.0])] * 2
+    assert all(math.isnan(v) for v in claims.speedup(red, worse, True))
 
 
 def _protocol(tmp_path, budget: int | None):

@@ -137,17 +137,23 @@ def queries_to_reach(curves, target: float, higher: bool = True) -> float:
 
 def speedup(red_curves, base_curves, higher: bool, n_resamples: int = 2000, seed: int = 0) -> tuple:
     """(ratio, low, high): the baseline's queries at its final metric / the redesign's queries to reach it;
-    seeds of both resampled (bootstrap); a redesign that never reaches it counts as ratio 0."""
+    seeds of both resampled (bootstrap); a redesign that never reaches it counts as ratio 0. A baseline
+    whose final metric the redesign already has at 0 queries (it ends at or below the base model) has no
+    measurable ratio: NaN (and the CI over the resamples that have one)."""
     def ratio(rc, bc):
         final = np.mean([c[1][-1] for c in bc])
         q = queries_to_reach(rc, final, higher)
-        return float(np.mean([c[0][-1] for c in bc])) / q if math.isfinite(q) and q > 0 else 0.0
+        if q == 0:
+            return math.nan
+        return float(np.mean([c[0][-1] for c in bc])) / q if math.isfinite(q) else 0.0
     point = ratio(red_curves, base_curves)
     rng = np.random.default_rng(seed)
-    draws = [ratio([red_curves[i] for i in rng.integers(0, len(red_curves), len(red_curves))],
-                   [base_curves[i] for i in rng.integers(0, len(base_curves), len(base_curves))])
-             for _ in range(n_resamples)]
-    return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+    draws = np.array([ratio([red_curves[i] for i in rng.integers(0, len(red_curves), len(red_curves))],
+                            [base_curves[i] for i in rng.integers(0, len(base_curves), len(base_curves))])
+                      for _ in range(n_resamples)])
+    if math.isnan(point) or np.isnan(draws).all():
+        return math.nan, math.nan, math.nan
+    return point, float(np.nanquantile(draws, 0.025)), float(np.nanquantile(draws, 0.975))
 
 
 # ---- the seven groups -------------------------------------------------------------------------------------
@@ -322,7 +328,7 @@ def claim_redesigns(proto: dict, task_list: list[str], seeds, out: Path, workers
     tracker = tracking.Tracker()
     ev = ["| setting | task | redesign | baseline | queries ratio [95 % CI] | final difference [95 % CI] | "
           "P(redesign > baseline) | KL redesign / baseline |", "|---|---|---|---|---|---|---|---|"]
-    subs, best = [], []
+    subs, best, unmeasured = [], [], 0
     for pair in proto["redesigns"]:
         for task in task_list:
             cfg, specs = plan_runs(task, [pair["redesign"], pair["baseline"]], seeds)
@@ -342,13 +348,18 @@ def claim_redesigns(proto: dict, task_list: list[str], seeds, out: Path, workers
             diff = stats.difference(red["values"], base["values"])
             v = V.better(red["values"], base["values"], higher, pair["redesign"], pair["baseline"])
             subs.append(v)
-            best.append(ratio)
             kl = f"{_iqm(red['kl']):.3g} / {_iqm(base['kl']):.3g}" if red["kl"] and base["kl"] else "–"
-            ev.append(row + f"{ratio[0]:.2g} [{ratio[1]:.2g}, {ratio[2]:.2g}] | {diff[0]:.3g} [{diff[1]:.3g}, "
-                      f"{diff[2]:.3g}] | {v.why.split(' = ')[1]} | {kl} |")
+            if math.isnan(ratio[0]):  # no speed-up to measure: the baseline never got above the start
+                cell = "– (the baseline ends at or below the base model)"
+                unmeasured += 1
+            else:
+                best.append(ratio)
+                cell = f"{ratio[0]:.2g} [{ratio[1]:.2g}, {ratio[2]:.2g}]"
+            ev.append(row + f"{cell} | {diff[0]:.3g} [{diff[1]:.3g}, {diff[2]:.3g}] | {v.why.split(' = ')[1]} | {kl} |")
     claimed = float(proto["claimed_speedup"])
     if not best:
-        up_to = V.Verdict(V.INCONCLUSIVE, "no redesign/baseline pair ran without diverging")
+        up_to = V.Verdict(V.INCONCLUSIVE, "no redesign/baseline pair has a measurable speed-up (diverged, or the "
+                          f"baseline ends at or below the base model in {unmeasured} pair(s))")
     elif any(lo >= claimed for _, lo, _ in best):
         up_to = V.Verdict(V.SUPPORTED, f"a redesign reaches its baseline's final metric with ≥ {claimed:g}× fewer "
                           "reward queries (CI above the claim) in some setting")
