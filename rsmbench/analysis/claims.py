@@ -43,6 +43,7 @@ import yaml
 from rsmbench.analysis import stats, summary
 from rsmbench.analysis import verdicts as V
 from rsmbench.core import method as registry
+from rsmbench.core import style
 from rsmbench.core.method import Context, formulation_loss
 from rsmbench.errors import UserError
 from rsmbench.harness import equivalence, estimator_study, influence
@@ -486,17 +487,21 @@ def _plot_decay(records, out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    style.use()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    handles = {}
     for ax, kind in zip(axes, ("diffusion", "flow")):
         for r in records:
             if r.process != kind:
                 continue
             k = [p["step"] for p in r.offpolicy]
-            e = [max(p["max_rel_err"], 1e-17) for p in r.offpolicy]
-            ax.plot(k, e, marker="o" if r.method.startswith("rsm") else ".", label=r.method, lw=1)
+            e = [max(p["max_rel_err"], 1e-17) for p in r.offpolicy]  # an exact 0 drawn at the floor
+            (h,) = ax.plot(k, e, label=r.method, **style.method_style(r.method).line(lw=1.2))
+            handles.setdefault(r.method, h)
         ax.set_yscale("log"), ax.set_xlabel("off-policy Adam steps k"), ax.set_title(kind)
     axes[0].set_ylabel("relative gradient error (original vs RSM)")
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    names = sorted(handles)  # every method in its report style (solid/filled: zeroth order; dashed/open: first)
+    axes[1].legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(out / "claim1_decay.png", dpi=110), fig.savefig(out / "claim1_decay.pdf")
     plt.close(fig)
