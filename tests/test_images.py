@@ -88,3 +88,26 @@ def test_committed_generators_match_the_task_file():
         assert meta["net"] == OmegaConf.to_container(pc.model.net)
         assert meta["data"] == OmegaConf.to_container(cfg.data)
         assert meta["process_kwargs"] == OmegaConf.to_container(pc.process)
+
+
+def test_photo_patch_unet_attention_only_where_declared():
+    """The photo-patch generators' net (tasks/_photo_patches.yaml): attention_levels=0 leaves the down
+    and up blocks attention-free, the middle block keeps its self-attention; the default keeps
+    attention at every level but the finest; an impossible level count is refused."""
+    from diffusers.models.attention_processor import Attention
+
+    from rsmbench.core.models import TinyUNet
+
+    kw = dict(sample_size=16, channels=3, block_out_channels=(8, 16, 32), norm_num_groups=8, num_classes=2)
+    lean = TinyUNet(**kw, attention_levels=0, mid_attention=True)
+    assert [type(b).__name__ for b in lean.unet.down_blocks] == ["DownBlock2D"] * 3
+    assert [type(b).__name__ for b in lean.unet.up_blocks] == ["UpBlock2D"] * 3
+    assert sum(isinstance(m, Attention) for m in lean.modules()) == 1  # the middle block's
+    assert sum(isinstance(m, Attention) for m in TinyUNet(**kw, attention_levels=0, mid_attention=False)
+               .modules()) == 0
+    default = TinyUNet(**kw)
+    assert [type(b).__name__ for b in default.unet.down_blocks] == ["DownBlock2D"] + ["AttnDownBlock2D"] * 2
+    x = torch.randn(2, 3, 16, 16)
+    assert lean(x, torch.tensor(0.5), torch.tensor([0, 1])).shape == x.shape
+    with pytest.raises(ValueError, match="attention_levels"):
+        TinyUNet(**kw, attention_levels=3)

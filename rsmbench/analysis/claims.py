@@ -407,7 +407,9 @@ def _step_cost(args) -> dict:
 def claim_efficiency(proto: dict, out: Path) -> Claim:
     e = proto["efficiency"]
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    # one fresh process per measurement: ru_maxrss is the peak over a process's life, so a second method
+    # measured in the same worker would start at the first one's peak and read +0 MB
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
         costs = [pool.apply(_step_cost, ((e["task"], p["method"], p["process"], p.get("hp")),)) for p in e["pairs"]]
     a, b = costs
     faster = a["seconds"] < b["seconds"] and a["peak_extra_mb"] <= b["peak_extra_mb"]

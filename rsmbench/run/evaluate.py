@@ -113,8 +113,8 @@ class Evaluator:
         feat = _features(self.reward, x)
         out = {"eval/reward_mean": r.mean().item(), "eval/reward_std": r.std().item(),
                "eval/diversity": diversity(feat), "eval/prior_frechet": frechet(feat, self.base_feat)}
-        if self.path_kl:
-            out["eval/kl_ref"] = self.kl_to_ref(ro).mean().item()
+        if self.path_kl:  # at the base model θ = θ_ref: the path KL is 0 exactly
+            out["eval/kl_ref"] = 0.0 if at_base else self.kl_to_ref(ro).mean().item()
         if hasattr(self.reward, "eval_metrics"):  # a task's own protocol (shapes: GenEval's accuracies)
             out.update({f"eval/{k}": v for k, v in self.reward.eval_metrics(x, ro.cond).items()})
         if self.gt is not None:

@@ -120,25 +120,32 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         ev["iteration"] = it
         if gt is not None and it == 0 and log_reference is not None:
             log_reference(dict(evaluator.base_extra))
-        if ckpt_dir is not None:  # samples_<it>.png at every eval; iteration 0 beside the final one at the end
+        if ckpt_dir is not None:  # samples_<it>.png of the last eval (or the diverged one), beside iteration 0
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']})"
             ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
             view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts)
-            png = ckpt_dir / f"samples_{it:06d}.png"
-            if hasattr(evaluator.reward, "passed"):  # pass/fail per image (shapes): captioned with the prompt
-                cond = evaluator.cond.tolist()
-                keep = [cond.index(c) for c in dict.fromkeys(cond)][:24]  # the first sample of each prompt
-                ok = evaluator.reward.passed(x[keep], evaluator.cond[keep]).tolist()
-                acc = ev.get("eval/accuracy/overall")
-                save_captioned_grid(x[keep], [names[cond[k]] for k in keep], png, passed=ok, ncol=8,
-                                    title=f"{title} iteration {it}" + ("" if acc is None else f": accuracy {acc:.2f}"))
-            else:
-                plot_samples(png, title=title, **view)
-            log_artifact(png)
-            last_view.update(it=it, view=view, title=title, refs=ref_pts)
+            last_view.update(it=it, view=view, title=title, refs=ref_pts, x=x, ev=ev)
+            if last:  # a grid costs ~1.5 s of matplotlib: the evals before are metrics only, and
+                save_grid()  # iteration 0 is the left panel of samples_first_vs_last.png
             if last:
                 first_vs_last(f"{title}: the same eval seeds at iteration 0 and {it}")
         return ev
+
+    def save_grid():
+        """samples_<it>.png of the latest eval: captioned with the prompt and pass/fail where the reward
+        has a pass/fail (shapes), else ``plot_samples``."""
+        it, x, title = last_view["it"], last_view["x"], last_view["title"]
+        png = ckpt_dir / f"samples_{it:06d}.png"
+        if hasattr(evaluator.reward, "passed"):
+            cond = evaluator.cond.tolist()
+            keep = [cond.index(c) for c in dict.fromkeys(cond)][:24]  # the first sample of each prompt
+            ok = evaluator.reward.passed(x[keep], evaluator.cond[keep]).tolist()
+            acc = last_view["ev"].get("eval/accuracy/overall")
+            save_captioned_grid(x[keep], [names[cond[k]] for k in keep], png, passed=ok, ncol=8,
+                                title=f"{title} iteration {it}" + ("" if acc is None else f": accuracy {acc:.2f}"))
+        else:
+            plot_samples(png, title=title, **last_view["view"])
+        log_artifact(png)
 
     last_view = {}  # the latest eval's sample view: a diverged run shows it beside iteration 0
 
@@ -153,6 +160,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         for step, mm in pending:  # the history up to the last sane iteration is kept
             log_metrics(mm, step)
         if dist.is_main and ckpt_dir is not None and last_view and last_view["it"] > 0:
+            save_grid()
             first_vs_last(f"{last_view['title']}: iteration 0 and {last_view['it']}, its last eval; "
                           f"DIVERGED at iteration {e.iteration}")
         raise e
