@@ -66,7 +66,7 @@ def test_sd15_zeroth_order_run_finishes_and_checkpoints_lora_only(tmp_path, sd15
     hist = sorted(c.get_metric_history(r.info.run_id, "train/reward_queries"), key=lambda h: h.step)
     assert [h.value for h in hist] == [4.0, 8.0]  # 2 iterations × (2 prompts × 2 samples)
     assert m["train/grad_norm"] > 0 and m["eval/kl_ref"] > 0  # the LoRA moved away from the reference
-    assert len(c.list_artifacts(r.info.run_id, "samples")) == 3  # iteration 0, the last eval, first vs last
+    assert len(c.list_artifacts(r.info.run_id, "samples")) == 2  # the last eval, first vs last (iteration 0 beside it)
     # the run checkpoint holds the trainable LoRA tensors only, never the base UNet
     ckpt = Path(os.environ["RSMBENCH_RESULTS"]) / "runs" / r.data.tags["config_hash"] / "net.safetensors"
     saved = load_file(str(ckpt))

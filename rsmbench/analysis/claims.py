@@ -223,7 +223,8 @@ def claim_pruning(proto: dict, task_list: list[str], seeds, out: Path, workers: 
             bench.execute_parallel(pruned + unpruned, workers, progress=False, log=_quiet)
             a, b = _values(pruned, metric), _values(unpruned, metric)
             if a["diverged"] or b["diverged"]:
-                ev.append(f"- {task}, {mid}: diverged (pruned {a['diverged'] or '–'}, unpruned {b['diverged'] or '–'})")
+                ev.append(f"- {task}, {mid}: diverged (pruned: {_diverged(a['diverged'])}; unpruned: "
+                          f"{_diverged(b['diverged'])})")
                 continue
             base = _base_value(pruned, metric)
             v = V.no_material_loss(a["values"], b["values"], base, higher, frac)
@@ -342,8 +343,8 @@ def claim_redesigns(proto: dict, task_list: list[str], seeds, out: Path, workers
             base = _values([s for s in specs if s["method"] == pair["baseline"]], metric)
             row = f"| {pair['setting']} | {task} | {pair['redesign']} | {pair['baseline']} | "
             if red["diverged"] or base["diverged"] or not red["values"] or not base["values"]:
-                ev.append(row + f"diverged (redesign {red['diverged'] or '–'}, baseline {base['diverged'] or '–'}) "
-                          "| | | |")
+                ev.append(row + f"diverged (redesign: {_diverged(red['diverged'])}; baseline: "
+                          f"{_diverged(base['diverged'])}) | | | |")
                 continue
             ratio = speedup(curve(tracker, red["runs"], metric), curve(tracker, base["runs"], metric), higher)
             diff = stats.difference(red["values"], base["values"])
@@ -449,6 +450,11 @@ def _values(specs: list[dict], metric: str) -> dict:
         d["runs"] += v["runs"]
         d["kl"] += v["kl"]
     return d
+
+
+def _diverged(by_seed: dict) -> str:
+    """{seed: iteration} of the diverged seeds, as the summaries say it ("–" when none diverged)."""
+    return ", ".join(f"seed {s} at iteration {k}" for s, k in sorted(by_seed.items())) or "–"
 
 
 def _base_value(specs: list[dict], metric: str) -> float:
