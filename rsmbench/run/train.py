@@ -125,9 +125,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
             view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts)
             last_view.update(it=it, view=view, title=title, refs=ref_pts, x=x, ev=ev)
-            if last:  # a grid costs ~1.5 s of matplotlib: the evals before are metrics only, and
-                save_grid()  # iteration 0 is the left panel of samples_first_vs_last.png
-            if last:
+            if last:  # the evals before are metrics only; iteration 0 is the left panel of first_vs_last
+                save_grid()
                 first_vs_last(f"{title}: the same eval seeds at iteration 0 and {it}")
         return ev
 
