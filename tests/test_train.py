@@ -1,4 +1,7 @@
 """The training loop without MLflow: determinism, budget accounting, both formulations."""
+import json
+
+import pytest
 import torch
 
 from rsmbench.run import tasks
@@ -62,6 +65,30 @@ def test_evaluator_is_shared_and_iteration_zero_reuses_the_base_samples(tmp_path
     reused, x_reused, r_reused = ev(Policy(ev.ref.net, ev.process, ev.ref.cfg_scale), at_base=True)
     assert torch.equal(x_fresh, x_reused) and torch.equal(r_fresh, r_reused)
     assert fresh == reused and reused["eval/kl_ref"] == 0.0
+
+
+def test_base_metrics_are_cached_on_disk_per_twin(tmp_path, monkeypatch):
+    """The exact-task base metrics (J* over eval.jstar_samples base samples, SW floors) are built once per
+    twin and read back by another process (here: a cleared memo), to the bit; another checkpoint is
+    another key."""
+    from rsmbench.run import setup
+
+    monkeypatch.setenv("RSMBENCH_RESULTS", str(tmp_path / "results"))
+    (tmp_path / "results").mkdir()
+    cfg = tasks.load("gmm", tiny_overrides(tmp_path) + ["eval.jstar_samples=256"])
+    monkeypatch.setattr(setup, "_SHARED", {})
+    built = tiny_evaluator(eval_spec(cfg, "flow")).base_extra
+    assert set(built) >= {"J_star_model", "J_ref", "sw_base_to_target"}
+    cache = tmp_path / "results" / "cache" / "base_metrics.json"
+    assert list(json.loads(cache.read_text()).values()) == [built]
+    monkeypatch.setattr(setup, "_SHARED", {})
+    monkeypatch.setattr(tasks.gmm.GroundTruth, "base_metrics", lambda *a: pytest.fail("recomputed"))
+    assert tiny_evaluator(eval_spec(cfg, "flow")).base_extra == built  # JSON floats round-trip exactly
+    monkeypatch.undo()
+    monkeypatch.setenv("RSMBENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(setup, "_SHARED", {})
+    tiny_evaluator(eval_spec(cfg, "diffusion"))
+    assert len(json.loads(cache.read_text())) == 2
 
 
 def test_method_state_is_checkpointed_and_restored_on_resume(tmp_path, monkeypatch):

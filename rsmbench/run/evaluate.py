@@ -54,7 +54,7 @@ class Evaluator:
     """The pinned eval protocol (a task's ``eval`` section) on one process; the base model's samples
     are computed once (and shared by the runs of one bench process, ``setup.tiny_evaluator``)."""
 
-    def __init__(self, ev: dict, process, ref: Policy, reward, shape, gt=None):
+    def __init__(self, ev: dict, process, ref: Policy, reward, shape, gt=None, base_extra: dict | None = None):
         self.process, self.ref, self.reward, self.shape, self.gt = process, ref, reward, shape, gt
         self.prompts = torch.tensor(list(ev["prompts"]))
         n = int(ev["num_samples"])
@@ -65,8 +65,8 @@ class Evaluator:
         self.dim = int(np.prod(shape))
         self.base = self._sample(ref)
         self.base_feat = _features(reward, self.base.final)
-        self.base_extra, self._base_rewards = {}, None
-        if gt is not None:  # J* = α·log E_base[exp(r/α)]: log-mean-exp over ``jstar_samples`` base samples
+        self.base_extra, self._base_rewards = base_extra or {}, None
+        if gt is not None and not base_extra:  # J* = α·log E_base[exp(r/α)]: log-mean-exp over ``jstar_samples`` base samples
             n_star = int(ev.get("jstar_samples") or 0)
             more = [self._sample(ref, range(n + k, min(n + k + 8192, n_star))).final
                     for k in range(0, n_star - n, 8192)]

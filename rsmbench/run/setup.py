@@ -6,14 +6,16 @@ The reward and the evaluator (with the base model's samples) are shared by every
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 import torch
 
 from rsmbench.core.models import Policy, frozen_copy
 from rsmbench.core.process import make_process
-from rsmbench.run import fullscale, tasks
+from rsmbench.run import fullscale, paths, tasks
 from rsmbench.run.accounting import Counters, CountingPolicy
 from rsmbench.run.evaluate import Evaluator
 
@@ -66,9 +68,52 @@ def tiny_evaluator(spec: dict) -> Evaluator:
         reward = shared_reward(spec["reward"])
         net = tasks.base_network(spec["model"], spec["task"], tasks.DTYPES[spec["train"]["dtype"]])
         ref = Policy(frozen_copy(net), process, float(spec["train"]["cfg_scale"]))
-        return Evaluator(spec["eval"], process, ref, reward, tasks.sample_shape(spec["model"]),
-                         tasks.exact_optimum(spec["data"], reward, spec["alpha"]))
+        gt = tasks.exact_optimum(spec["data"], reward, spec["alpha"])
+        cache = _BaseMetricsCache(key) if gt is not None else None
+        ev = Evaluator(spec["eval"], process, ref, reward, tasks.sample_shape(spec["model"]), gt,
+                       base_extra=cache and cache.get())
+        if cache:
+            cache.put(ev.base_extra)
+        return ev
     return shared("evaluator", key, build)
+
+
+class _BaseMetricsCache:
+    """The base model's exact-task metrics (J* by Monte Carlo over ``eval.jstar_samples`` base samples,
+    SW floors: ~10 s per gmm twin) in ``results/cache/base_metrics.json``, keyed on the evaluator's spec
+    (which holds the checkpoint's sha256) and the code that computes them, so the bench's workers and
+    later benches build each twin's once."""
+
+    CODE = ("rewards", "rsmbench/core", "rsmbench/data", "rsmbench/run/evaluate.py")
+
+    def __init__(self, key: dict):
+        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+        for part in self.CODE:
+            p = tasks.ROOT / part
+            for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+                h.update(f.read_bytes())
+        self.key, self.path = h.hexdigest()[:24], paths.results_root() / "cache" / "base_metrics.json"
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self) -> dict | None:
+        return self._read().get(self.key)
+
+    def put(self, metrics: dict) -> None:
+        if not paths.results_root().is_dir():  # never create the results folder to plan
+            return
+        data = self._read()
+        if data.get(self.key) == metrics:
+            return
+        data[self.key] = metrics
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
 
 
 def tiny_setup(spec: dict, counters: Counters, with_eval: bool = True) -> Setup:
