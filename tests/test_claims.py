@@ -98,3 +98,14 @@ def test_claims_on_a_tiny_store_builds_the_report_and_reuses_every_run(tmp_path)
     _run(tmp_path)
     assert {r.info.run_id: r.info.end_time for r in c.search_runs([exp])} == first  # every run reused
     assert (tmp_path / "out" / "claims.tex").read_text().count(r"\\") >= 3
+
+
+def test_step_costs_measure_each_method_in_a_fresh_process():
+    """Claim 7's memory: ru_maxrss is a lifetime peak, so each method's step is measured in its own process
+    (two pids), and each reads its own growth from its own start (the second is not pinned at +0 MB by the
+    first's peak)."""
+    pairs = [{"method": "rsm_fo", "process": "flow"}, {"method": "draft", "process": "flow", "hp": {"k": 10}}]
+    a, b = claims.step_costs("gmm", pairs)
+    assert (a["method"], b["method"]) == ("rsm_fo", "draft")
+    assert a["pid"] != b["pid"] and os.getpid() not in (a["pid"], b["pid"])
+    assert a["seconds"] > 0 and b["seconds"] > 0 and a["samples"] == b["samples"] > 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import resource
 import time
 from argparse import Namespace
@@ -402,17 +403,20 @@ def _step_cost(args) -> dict:
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"method": method, "seconds": float(np.median(times)), "peak_extra_mb": (peak - before) / 1024,
-            "rows": len(batch.rows), "samples": len(cond)}
+            "rows": len(batch.rows), "samples": len(cond), "pid": os.getpid()}
+
+
+def step_costs(task: str, pairs: list[dict]) -> list[dict]:
+    """``_step_cost`` of each (method, process, hp) pair, each in a fresh spawned process: ru_maxrss is the
+    peak over a process's life, so a second method measured in the same worker would start at the first
+    one's peak and read +0 MB."""
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return [pool.apply(_step_cost, ((task, p["method"], p["process"], p.get("hp")),)) for p in pairs]
 
 
 def claim_efficiency(proto: dict, out: Path) -> Claim:
     e = proto["efficiency"]
-    ctx = mp.get_context("spawn")
-    # one fresh process per measurement: ru_maxrss is the peak over a process's life, so a second method
-    # measured in the same worker would start at the first one's peak and read +0 MB
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        costs = [pool.apply(_step_cost, ((e["task"], p["method"], p["process"], p.get("hp")),)) for p in e["pairs"]]
-    a, b = costs
+    a, b = step_costs(e["task"], e["pairs"])
     faster = a["seconds"] < b["seconds"] and a["peak_extra_mb"] <= b["peak_extra_mb"]
     v = V.Verdict(V.SUPPORTED if faster else V.CONTRADICTED,
                   f"{a['method']} {a['seconds']:.2f} s and +{a['peak_extra_mb']:.0f} MB per step vs {b['method']} "
