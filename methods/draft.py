@@ -63,6 +63,7 @@ class RewardBackprop(Method):
                  "c1": 'D·K/2 (native), anchor s_θ†: pure reward ascent, no KL', "c2": '0',
                  "branching": False, "current_state": False}
     processes = ("diffusion", "flow")
+    whole_chain_formulations = ("original",)  # original_loss replays the whole chain of every sample
     kind_reason = ("exact at θ = θ†: same stored initial noise and step noises in both; the RSM "
                    "adjoint holds the x_i fixed, the original moves them once θ ≠ θ†")
     strength = "reward_scale"  # the loss coefficient λ

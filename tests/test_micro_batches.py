@@ -45,3 +45,31 @@ def test_row_chunks_split_per_row_data():
         assert len(p.row_data["lean_adjoint"]) == len(p.rows)
     assert torch.equal(torch.cat([p.row_data["lean_adjoint"] for p in parts]),
                        batch.row_data["lean_adjoint"])
+
+
+@pytest.mark.parametrize("mid", ["draft", "alignprop"])
+def test_whole_chain_losses_are_never_row_chunked(mid, tmp_path):
+    """DRaFT's and AlignProp's original loss replays every sample's chain whatever rows it is given, so a
+    row chunk costs a whole replay and a reward query per sample: a shapes run with 24 samples, up to 10
+    trained steps and micro_rows 128 queried the reward 3 times per sample in one iteration (234 of a 210
+    budget). Their runs spend exactly the probed 2 queries per sample with any micro_rows."""
+    from rsmbench.run import tasks
+    from rsmbench.run.runspec import run_spec
+    from rsmbench.run.train import train_run
+    from tests.bench_helpers import tiny_overrides
+
+    m = registry.get(mid)
+    assert "original" in m.whole_chain_formulations and "rsm" not in m.whole_chain_formulations
+    ctx = E.build_context(m, "flow")
+    batch = E.collect(m, ctx)
+    params = [p for p in ctx.policy.net.parameters() if p.requires_grad]
+    some = batch.select_rows(torch.arange(min(2, len(batch.rows))))
+    g_all, g_some = E.flat_grad(m.original_loss(batch, ctx), params), E.flat_grad(m.original_loss(some, ctx), params)
+    assert torch.equal(g_all, g_some)  # the rows do not enter: chunking could only repeat the work
+    over = tiny_overrides(tmp_path, iterations=3) + ["train.micro_rows=3", f"methods.{mid}.k=10"]
+    if mid == "alignprop":
+        over.append("methods.alignprop.truncation=fixed")
+    res = train_run(run_spec(tasks.load("gmm", over), mid, "original", "flow", 0), lambda *a: None)
+    # budget 24 = 12 samples × (collect + loss); chunked, each of the ≥ 27 chunks of 80 rows would query all
+    # 8 samples again and the run would stop as overspent
+    assert res.counters.reward_queries == 24 and res.iterations == 2

@@ -103,6 +103,10 @@ class Method:
     strength: str | None = None  # the hyperparameter ``rsmbench tune`` grids: a KL β, reward scale λ or clip range
     strength_grid: tuple | None = None  # its explicit grid where the default is 0 (a factor grid cannot move it)
     influence_preset: dict = {}  # process -> the preset the influence figure reads on that real grid (absent: defaults)
+    # formulations whose loss replays every sample's whole chain, whatever training rows it is given (DRaFT's
+    # autograd through the sampler): micro-batching their rows (train.micro_rows) would only repeat the
+    # replay, and its reward query, once per chunk, so they always see the whole batch
+    whole_chain_formulations: tuple = ()
     influence_rms_ratio: bool = False  # Ψ̂ is not a multiple of the raw signal G: κ is an RMS ratio (influence.py)
 
     def hparams(self, preset: str | None = None, **overrides) -> dict:

@@ -193,7 +193,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
             loss = 0.0
-            for mb, frac in row_chunks(batch, micro_rows, rows_total):
+            chunk = 0 if formulation in m.whole_chain_formulations else micro_rows
+            for mb, frac in row_chunks(batch, chunk, rows_total):
                 part = formulation_loss(m, formulation, mb, ctx)
                 try:
                     _check_finite("loss", part, it)
