@@ -171,6 +171,7 @@ class GenevalTiny:
     name = "geneval_tiny"
     title = TITLE
     differentiable = False
+    pass_threshold = 0.5  # sample grids caption each image ✓ (reward 1) or ✗ (0) and frame it green or red
 
     def __init__(self, prompts, weights: str = WEIGHTS_PATH):
         """``prompts``: the task's prompt table (prompt id = index); ``weights``: the detector

@@ -295,3 +295,29 @@ def test_summary_shows_genevals_per_category_accuracy():
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert head[3:10] == ["accuracy", "single", "two obj.", "counting", "colors", "position", "attr."]
     assert cells[3] == "0.50 [0.40, 0.60]" and cells[6] == "0.75 [0.70, 0.80]" and cells[4] == "–"
+
+
+def test_sample_grids_say_pass_or_fail_for_the_strict_reward():
+    """GenEval-style grids: each image captioned ✓/✗ with its prompt and framed green/red; other rewards
+    keep "prompt | reward"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rsmbench.run import evaluate as EV
+
+    x, cond = torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])
+    names = ["a red circle", "two blue squares"]
+    v = EV.sample_view(x, torch.tensor([1.0, 0.0]), cond, names, "iteration 3", pass_threshold=0.5)
+    assert v["captions"] == ["✓ a red circle", "✗ two blue squares"] and v["passed"] == [True, False]
+    assert v["label"] == "iteration 3: 1 of 2 pass"
+    plain = EV.sample_view(x, torch.tensor([1.0, 0.0]), cond, names, "iteration 3")
+    assert plain["captions"] == ["a red circle | 1.00", "two blue squares | 0.00"] and "passed" not in plain
+    fig, ax = plt.subplots()
+    EV._mosaic(ax, np.zeros((2, 8, 8, 3)), v["captions"], 2, v["passed"])
+    canvas = ax.images[0].get_array()
+    band = 4  # caption band above the first row; the frame is the pixel ring around each image
+    assert np.allclose(canvas[band, 0], EV.PASS_FAIL[True]) and np.allclose(canvas[band + 1, 1], 0.0)
+    assert np.allclose(canvas[band, 12], EV.PASS_FAIL[False])  # the second frame's top row (it starts at w + gap = 11)
+    plt.close(fig)

@@ -140,18 +140,23 @@ def grid_indices(cond: torch.Tensor, n: int = 16) -> list[int]:
 
 
 def sample_view(x: torch.Tensor, rewards: torch.Tensor, cond: torch.Tensor, names, label: str, to_images=None,
-                base=None, target=None) -> dict:
+                base=None, target=None, pass_threshold: float | None = None) -> dict:
     """What one sample panel shows (the arguments of ``plot_samples``): for images, the grid's samples
-    with "prompt | reward" captions (TRL's convention; prompt names from the task's ``prompts.names``);
-    for 2-D data every sample with the base model's and the exact target's."""
+    with "prompt | reward" captions (TRL's convention; prompt names from the task's ``prompts.names``), or,
+    for a pass/fail reward (``pass_threshold``: GenEval's strict score), "✓ prompt" / "✗ prompt" and a
+    green / red frame; for 2-D data every sample with the base model's and the exact target's."""
     if x.dim() == 2 and to_images is None:
         return dict(x=x, label=label, rewards=rewards, base=base, target=target)
     idx = grid_indices(cond, 16)
     imgs = to_images(x[idx]) if to_images is not None else x[idx]
-    names = list(names or [])
-    caps = [f"{_short(names[c] if c < len(names) else f'prompt {c}')} | {float(rewards[i]):.2f}"
-            for i, c in zip(idx, cond[idx].tolist())]
-    return dict(x=imgs, label=label, captions=caps)
+    names = [_short(names[c] if c < len(names or []) else f"prompt {c}") for c in cond[idx].tolist()]
+    r = [float(rewards[i]) for i in idx]
+    if pass_threshold is None:
+        return dict(x=imgs, label=label, captions=[f"{n} | {v:.2f}" for n, v in zip(names, r)])
+    passed = [v >= pass_threshold for v in r]
+    label += f": {sum(passed)} of {len(passed)} pass" if label else ""
+    return dict(x=imgs, label=label, captions=[f"{'✓' if p else '✗'} {n}" for n, p in zip(names, passed)],
+                passed=passed)
 
 
 def _short(prompt: str, n: int = 22) -> str:
@@ -225,23 +230,31 @@ def _panel(fig, view: dict, frame) -> None:
     n = min(16, len(x))
     imgs = ((x[:n].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     ax = fig.subplots()
-    _mosaic(ax, imgs, view.get("captions") or [], min(4, n))
+    _mosaic(ax, imgs, view.get("captions") or [], min(4, n), view.get("passed"))
     if view.get("label"):
         fig.suptitle(view["label"], fontsize=8.5)
 
 
-def _mosaic(ax, imgs: np.ndarray, captions, cols: int) -> None:
-    """Images (n, h, w, c in [0, 1]) tiled on one white canvas, `cols` per row, each under its caption:
-    one axes, where an axes per image made each grid cost ~1.5 s of layout."""
+PASS_FAIL = (np.array([0.84, 0.15, 0.16]), np.array([0.17, 0.63, 0.17]))  # red ✗, green ✓ (tab: colours)
+
+
+def _mosaic(ax, imgs: np.ndarray, captions, cols: int, passed=None) -> None:
+    """Images (n, h, w, c in [0, 1]) tiled on one white canvas, `cols` per row, each under its caption
+    (and in a green / red frame where `passed` says pass / fail): one axes, where an axes per image made
+    each grid cost ~1.5 s of layout."""
     n, h, w = imgs.shape[:3]
     rows, gap, band = math.ceil(n / cols), max(1, w // 16), max(4, round(h * 0.3))  # band: caption height
-    canvas = np.ones((rows * (band + h + gap) - gap, cols * (w + gap) - gap, 3))
+    m = 1 if passed is not None else 0  # the frame's width, in pixels of the canvas
+    gap += 2 * m
+    canvas = np.ones((rows * (band + h + gap) - gap + 2 * m, cols * (w + gap) - gap + 2 * m, 3))
     for k in range(n):
         r, q = divmod(k, cols)
-        y0, x0 = r * (band + h + gap) + band, q * (w + gap)
+        y0, x0 = r * (band + h + gap) + band + m, q * (w + gap) + m
+        if passed is not None and k < len(passed):
+            canvas[y0 - m:y0 + h + m, x0 - m:x0 + w + m] = PASS_FAIL[bool(passed[k])]
         canvas[y0:y0 + h, x0:x0 + w] = imgs[k] if imgs.shape[-1] == 3 else imgs[k][..., :1]
         if k < len(captions):
-            ax.text(x0 + w / 2, y0 - 0.5, captions[k], ha="center", va="bottom", fontsize=6.5)
+            ax.text(x0 + w / 2, y0 - m - 0.5, captions[k], ha="center", va="bottom", fontsize=6.5)
     ax.imshow(canvas, interpolation="nearest")
     ax.axis("off")
 

@@ -123,7 +123,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         if ckpt_dir is not None:  # samples_<it>.png of the last eval (or the diverged one), beside iteration 0
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']})"
             ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
-            view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts)
+            view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts,
+                               pass_threshold=getattr(evaluator.reward, "pass_threshold", None))
             last_view.update(it=it, view=view, title=title, refs=ref_pts, x=x, ev=ev)
             if last:  # the evals before are metrics only; iteration 0 is the left panel of first_vs_last
                 save_grid()
@@ -150,7 +151,8 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
 
     def first_vs_last(title: str):
         first = sample_view(evaluator.base.final, evaluator.base_rewards(), evaluator.cond, names,
-                            "iteration 0 (base model)", S.to_images, **last_view["refs"])
+                            "iteration 0 (base model)", S.to_images, **last_view["refs"],
+                            pass_threshold=getattr(evaluator.reward, "pass_threshold", None))
         png = ckpt_dir / "samples_first_vs_last.png"
         plot_first_vs_last(png, first, last_view["view"], title)
         log_artifact(png)
