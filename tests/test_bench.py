@@ -88,6 +88,38 @@ def test_killed_run_resumes_without_gap_or_duplicate(tmp_path, monkeypatch):
         assert steps == sorted(set(steps)) and steps[-1] == 6 and len(steps) == (7 if key == "iteration" else 6)
 
 
+def test_overspent_run_is_failed_and_a_rerun_trains_it_afresh(tmp_path, monkeypatch):
+    """Overspending is found after the run's last checkpoint: resuming that checkpoint would only fail
+    again (its counters are over the budget), so the checkpoint is dropped and a re-run trains from the
+    start (this happened to AlignProp's shapes runs after the row-chunking fix)."""
+    from rsmbench.run import bench as B
+    from rsmbench.run.train import Overspent
+
+    real, iterations = B.train_run, []
+
+    def overspent(*a, **k):
+        real(*a, **k)
+        raise Overspent("spent 99 reward queries, more than 1 % over the budget 48")
+
+    monkeypatch.setattr(B, "train_run", overspent)
+    _bench(tmp_path, methods="reinforce_kl")
+    c, runs = _runs()
+    assert runs[0].info.status == "FAILED" and "Overspent" in runs[0].data.tags["error"]
+    (ckpt,) = Path(os.environ["RSMBENCH_RESULTS"], "runs").iterdir()
+    assert (ckpt / "net.safetensors").exists() and not (ckpt / "state.pt").exists()
+    def counting(rc, log_metrics, log_artifact, ckpt, on_iteration, **k):
+        def on_it(it, metrics):
+            iterations.append(it)
+            on_iteration(it, metrics)
+        return real(rc, log_metrics, log_artifact, ckpt, on_it, **k)
+
+    monkeypatch.setattr(B, "train_run", counting)
+    assert _bench(tmp_path, methods="reinforce_kl") == 0
+    c, runs = _runs()
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "error" not in runs[0].data.tags
+    assert iterations == [1, 2, 3, 4, 5, 6]  # trained from the start, not resumed at its end
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--task", "nope"], "unknown task 'nope'; choose from"),
     (["--task", "gmm", "--profile", "huge"], "unknown profile 'huge'; choose from tiny, sd15, sd35"),

@@ -33,7 +33,7 @@ from rsmbench.errors import TaskError, UserError
 from rsmbench.run import budget, distributed, fullscale, tasks, tracking, tuning
 from rsmbench.run.runspec import config_hash, run_name, run_spec
 from rsmbench.run.setup import shared_reward
-from rsmbench.run.train import Diverged, train_run
+from rsmbench.run.train import Diverged, Overspent, train_run
 
 FORMULATION_CHOICES = ("rsm", "original", "both")
 
@@ -319,6 +319,8 @@ def _train(tracker, rec, ckpt, bar, log, dist) -> None:
         rec.update(status="diverged", error=str(e), diverged=e.iteration)
         return
     except Exception as e:  # noqa: BLE001 - one broken method must not stop the bench
+        if isinstance(e, Overspent):  # found at the end, after the last checkpoint: a re-run starts afresh
+            (ckpt / "state.pt").unlink(missing_ok=True)
         line = f"{type(e).__name__}: {e}".splitlines()[0]
         log(f"FAILED {name}: {line}", file=sys.stderr)
         if dist.is_main:
