@@ -66,7 +66,7 @@ class Evaluator:
         self.base = self._sample(ref)
         self.base_feat = _features(reward, self.base.final)
         self.base_extra, self._base_rewards = base_extra or {}, None
-        if gt is not None and not base_extra:  # J* = α·log E_base[exp(r/α)]: log-mean-exp over ``jstar_samples`` base samples
+        if gt is not None and not base_extra:  # J* = α·log E_base[exp(r/α)] over ``jstar_samples`` base samples
             n_star = int(ev.get("jstar_samples") or 0)
             more = [self._sample(ref, range(n + k, min(n + k + 8192, n_star))).final
                     for k in range(0, n_star - n, 8192)]
