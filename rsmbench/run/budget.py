@@ -19,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 
 from rsmbench.core import method as registry
 from rsmbench.core.method import Context, formulation_loss
 from rsmbench.errors import UserError
-from rsmbench.run import paths, setup, tasks
+from rsmbench.run import paths, setup
 from rsmbench.run.accounting import Counters, CountingReward
 
 TOLERANCE = 0.01  # |spent − budget| ≤ 1 % of the budget
@@ -43,32 +42,20 @@ def queries_per_sample(spec: dict) -> float:
 
 def code_fingerprint() -> str:
     """sha256 of the sources that decide a cost: the methods, the rewards and the core."""
-    h = hashlib.sha256()
-    for folder in ("methods", "rewards", "rsmbench/core"):
-        for f in sorted((tasks.ROOT / folder).rglob("*.py")):
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return paths.code_fingerprint(("methods", "rewards", "rsmbench/core"))
 
 
 def _cached(spec: dict) -> float:
-    path = paths.results_root() / "cache" / "costs.json"
     key = hashlib.sha256(json.dumps(_cost_key(spec), sort_keys=True, default=str).encode()).hexdigest()[:20]
     fp = code_fingerprint()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
+    data = paths.read_cache("costs.json")
     if data.get("code") == fp and key in data.get("costs", {}):
         return float(data["costs"][key])
     cost = _probe(spec)
     if data.get("code") != fp:
         data = {"code": fp, "costs": {}}
     data["costs"][key] = cost
-    if path.parent.is_dir() or paths.results_root().is_dir():  # never create the results folder to plan
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+    paths.write_cache("costs.json", data)
     return cost
 
 

@@ -7,6 +7,8 @@ Paths given on the command line (``--out``, ``--report-dir``, a sweep file) keep
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +41,37 @@ def tasks_dir() -> Path:
 
 def sweeps_dir() -> Path:
     return tasks_dir() / "sweeps"
+
+
+def code_fingerprint(parts) -> str:
+    """sha256 (16 hex digits) of the Python sources under `parts` (repository folders or files): what
+    keys a cache of values that code computes."""
+    h = hashlib.sha256()
+    for part in parts:
+        p = ROOT / part
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def read_cache(name: str) -> dict:
+    """``results/cache/<name>`` (JSON), {} when missing or unreadable."""
+    try:
+        return json.loads((results_root() / "cache" / name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(name: str, data: dict) -> None:
+    """Write ``results/cache/<name>`` atomically (concurrent bench workers); never creates the results
+    folder itself (planning a bench writes nothing)."""
+    if not results_root().is_dir():
+        return
+    path = results_root() / "cache" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def help_text() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -84,36 +83,19 @@ class _BaseMetricsCache:
     (which holds the checkpoint's sha256) and the code that computes them, so the bench's workers and
     later benches build each twin's once."""
 
-    CODE = ("rewards", "rsmbench/core", "rsmbench/data", "rsmbench/run/evaluate.py")
+    FILE, CODE = "base_metrics.json", ("rewards", "rsmbench/core", "rsmbench/data", "rsmbench/run/evaluate.py")
 
     def __init__(self, key: dict):
-        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
-        for part in self.CODE:
-            p = tasks.ROOT / part
-            for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-                h.update(f.read_bytes())
-        self.key, self.path = h.hexdigest()[:24], paths.results_root() / "cache" / "base_metrics.json"
-
-    def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        spec = json.dumps(key, sort_keys=True, default=str) + paths.code_fingerprint(self.CODE)
+        self.key = hashlib.sha256(spec.encode()).hexdigest()[:24]
 
     def get(self) -> dict | None:
-        return self._read().get(self.key)
+        return paths.read_cache(self.FILE).get(self.key)
 
     def put(self, metrics: dict) -> None:
-        if not paths.results_root().is_dir():  # never create the results folder to plan
-            return
-        data = self._read()
-        if data.get(self.key) == metrics:
-            return
-        data[self.key] = metrics
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        data = paths.read_cache(self.FILE)
+        if data.get(self.key) != metrics:
+            paths.write_cache(self.FILE, {**data, self.key: metrics})
 
 
 def tiny_setup(spec: dict, counters: Counters, with_eval: bool = True) -> Setup:

@@ -109,8 +109,10 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     guard = Guard(spec.get("divergence") or {})
     hp = dict(spec["hp"])
     micro_rows = int(tr.get("micro_rows") or 0)  # gradient accumulation over row chunks
+    loss_rows = 0 if formulation in m.whole_chain_formulations else micro_rows  # 0: the whole batch at once
 
     names = prompt_names(spec)
+    pass_threshold = getattr(evaluator.reward, "pass_threshold", None) if evaluator else None  # grids: ✓/✗
 
     def evaluate(it: int, last: bool = False) -> dict:
         if not dist.is_main:
@@ -124,7 +126,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']})"
             ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
             view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts,
-                               pass_threshold=getattr(evaluator.reward, "pass_threshold", None))
+                               pass_threshold=pass_threshold)
             last_view.update(it=it, view=view, title=title, refs=ref_pts, x=x, ev=ev)
             if last:  # the evals before are metrics only; iteration 0 is the left panel of first_vs_last
                 save_grid()
@@ -152,7 +154,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     def first_vs_last(title: str):
         first = sample_view(evaluator.base.final, evaluator.base_rewards(), evaluator.cond, names,
                             "iteration 0 (base model)", S.to_images, **last_view["refs"],
-                            pass_threshold=getattr(evaluator.reward, "pass_threshold", None))
+                            pass_threshold=pass_threshold)
         png = ckpt_dir / "samples_first_vs_last.png"
         plot_first_vs_last(png, first, last_view["view"], title)
         log_artifact(png)
@@ -195,8 +197,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
         for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
             loss = 0.0
-            chunk = 0 if formulation in m.whole_chain_formulations else micro_rows
-            for mb, frac in row_chunks(batch, chunk, rows_total):
+            for mb, frac in row_chunks(batch, loss_rows, rows_total):
                 part = formulation_loss(m, formulation, mb, ctx)
                 try:
                     _check_finite("loss", part, it)
