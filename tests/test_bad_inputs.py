@@ -57,6 +57,8 @@ CASES = [
     ("lr_abc", [*GMM, "train.lr=abc"], ["train.lr", "a number > 0", "'abc'"]),
     ("lr_negative", [*GMM, "train.lr=-1"], ["train.lr", "a number > 0", "-1"]),
     ("lr_nan", [*GMM, "train.lr=nan"], ["train.lr", "finite number"]),
+    ("pretrain_v_without_head", ["pretrain", "--task", "shapes", "processes.flow.pretrain.objective=v"],
+     ["processes.flow.pretrain.objective 'v' needs a model.net.v_head"]),
     ("eval_every", [*GMM, "eval.every=0"], ["eval: unknown key 'every'", "valid keys: jstar_samples"]),
     ("batch_zero", [*GMM, "train.batch_per_prompt=0"], ["train.batch_per_prompt", "integer >= 1"]),
     ("task_lr_word", ["bench", "--task", "lr_word"], ["train.lr", "a number > 0", "'fast'"]),

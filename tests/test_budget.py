@@ -32,6 +32,18 @@ def test_smallest_matched_budget():
     assert budget.smallest_matched_budget([1.0, 2.0], 100) == 100
 
 
+def test_a_comparison_is_rematched_at_the_smallest_budget_all_spend():
+    """claims' pruning rule: a pair that cannot both spend the task's budget within 1 % (aesthetic's
+    unpruned VGG-Flow: 31 queries per sample against 210) runs at the smallest budget both do."""
+    def planned(cost):
+        return {"budget": {"mode": "matched", "reward_queries": 210,
+                           "schedule": budget.schedule(210, cost, 8, 10_000)}}
+    assert budget.comparison_budget([planned(1.0), planned(2.0)]) == 210
+    b = budget.comparison_budget([planned(1.0), planned(31.0)])
+    assert b == budget.smallest_matched_budget([1.0, 31.0], 210) > 210
+    assert budget.within(31.0 * (b // 31), b) and not budget.within(31.0 * (209 // 31 + 0), 210)
+
+
 def _specs(tmp_path, queries):
     wide = ["divergence.reward=[-1e9,1e9]", "divergence.kl=1e12"]  # random-init nets: far from sane
     cfg = tasks.load("gmm", tiny_overrides(tmp_path, batch=8) + [f"budget.reward_queries={queries}", *wide])

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from rsmbench.core.checkpoints import load_checkpoint, save_checkpoint
-from rsmbench.core.models import Policy, build_net
+from rsmbench.core.models import Policy, VHead, build_net
 from rsmbench.core.process import make_process
 from rsmbench.data import shapes as S
 from rsmbench.data.sources import data_source
@@ -264,6 +264,38 @@ def test_text_unet_builds_from_config_and_round_trips(tmp_path):
     assert pol(x, 0, cond).shape == x.shape
     with pytest.raises(ValueError, match="'purple' is not in the text_unet vocabulary"):
         net.tokenize("a purple circle")
+
+
+def test_v_head_is_an_exact_epsilon_predictor_whose_net_predicts_v():
+    """VHead (Salimans & Ho 2022, §4): if the inner net returns the true v = √ᾱ·ε − √(1−ᾱ)·x0, the head
+    returns ε exactly and the process's Tweedie x̂0 is x0 (float64, 1e-12); the head is the process's."""
+    sched = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+    proc = make_process("diffusion", num_steps=10, scheduler=sched)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, 4, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    i = torch.tensor([0, 1, 3, 5, 8, 9])
+    ab = proc.alphas_cumprod_t[i].view(-1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+    class TrueV(torch.nn.Module):
+        def forward(self, x, t, cond=None):
+            assert torch.equal(t, proc.model_t[i])
+            return v
+
+    head = VHead(TrueV(), sched).double()
+    out = head(xt, proc.model_t[i])
+    assert torch.allclose(out, eps, rtol=0, atol=1e-12)
+    assert torch.allclose(proc.tweedie(xt, out, i), x0, rtol=0, atol=1e-11)
+    assert torch.equal(head.velocity(xt, proc.model_t[i]), v)
+    with pytest.raises(ValueError, match="diffusion process only"):
+        build_net("mlp", "v", v_head=sched, dim=2)
+    # the committed diffusion twin's head uses its own process's schedule
+    cfg = tasks.load("shapes")
+    pc = cfg.processes.diffusion
+    assert OmegaConf.to_container(pc.model.net)["v_head"] == OmegaConf.to_container(pc.process.scheduler)
+    assert pc.pretrain.objective == "v"
 
 
 def test_committed_base_models_load_with_their_hash_and_match_the_task_file():

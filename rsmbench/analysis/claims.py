@@ -214,12 +214,12 @@ def claim_pruning(proto: dict, task_list: list[str], seeds, out: Path, workers: 
         metric, higher = str(cfg.bench.metric), bool(cfg.bench.get("higher_is_better", True))
         for mid, spec in proto["pruning"]["methods"].items():
             over = [f"methods.{mid}.{k}={str(v).lower()}" for k, v in spec["unpruned"].items()]
-            _, pruned = plan_runs(task, [mid], seeds, check=False)
-            _, unpruned = plan_runs(task, [mid], seeds, over, check=False)
-            pruned = [s for s in pruned if s["process"] == spec["process"]]
-            unpruned = [s for s in unpruned if s["process"] == spec["process"]]
+            pruned, unpruned = _pruning_pair(task, mid, spec["process"], seeds, over)
             if not pruned or not unpruned:
                 continue
+            queries, task_queries = pruned[0]["budget"]["reward_queries"], int(cfg.budget.reward_queries)
+            rematched = (f" at {queries} reward queries (the smallest budget both spend within 1 %; the "
+                         f"task's {task_queries} is not)" if queries != task_queries else "")
             budget.check_matched(pruned + unpruned)  # one comparison, one budget
             bench.execute_parallel(pruned + unpruned, workers, progress=False, log=_quiet)
             a, b = _values(pruned, metric), _values(unpruned, metric)
@@ -230,13 +230,30 @@ def claim_pruning(proto: dict, task_list: list[str], seeds, out: Path, workers: 
             base = _base_value(pruned, metric)
             v = V.no_material_loss(a["values"], b["values"], base, higher, frac)
             subs.append(v)
-            ev.append(f"- {task}, {mid} on {spec['process']} (`{metric}`): pruned "
+            ev.append(f"- {task}, {mid} on {spec['process']} (`{metric}`){rematched}: pruned "
                       f"{_ci(a['values'])}, unpruned {_ci(b['values'])}, base {base:.3g}: {v}")
     verdict = _combine(subs, "pruning comparisons")
     return Claim("3", "Pruning the auxiliary networks costs nothing material",
                  "the paper's Appendix G.1 ('without material loss'); Table 1's † marks",
                  f"pruned vs unpruned at matched reward queries; a loss above {frac:.0%} of the unpruned gain over "
                  "the base model is material", verdict, ev)
+
+
+def _pruning_pair(task: str, mid: str, kind: str, seeds, unpruned_overrides: list[str]):
+    """The pruned and unpruned plans of `mid` on process `kind`, at the task's budget when both spend it
+    within 1 %, else both at the smallest budget they do (the protocol's pruning rule)."""
+    def pair(extra):
+        _, a = plan_runs(task, [mid], seeds, extra, check=False)
+        _, b = plan_runs(task, [mid], seeds, [*extra, *unpruned_overrides], check=False)
+        return [s for s in a if s["process"] == kind], [s for s in b if s["process"] == kind]
+
+    pruned, unpruned = pair([])
+    if not pruned or not unpruned:
+        return pruned, unpruned
+    queries = budget.comparison_budget(pruned + unpruned)
+    if queries != pruned[0]["budget"]["reward_queries"]:
+        pruned, unpruned = pair([f"budget.reward_queries={queries}"])
+    return pruned, unpruned
 
 
 def claim_temporal(proto: dict, out: Path) -> Claim:

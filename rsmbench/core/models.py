@@ -17,7 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -157,14 +157,53 @@ class TextUNet(nn.Module):
 ARCHS = {"mlp": TimeMLP, "unet": TinyUNet, "text_unet": TextUNet}
 
 
-def build_net(arch: str, prediction: str, seed: int = 0, dtype=torch.float32, **cfg) -> nn.Module:
-    """Build a random-init tiny network from config; `prediction` is 'epsilon' or 'v'."""
+class VHead(nn.Module):
+    """An ε-predictor whose network predicts v (Salimans & Ho 2022, arXiv 2202.00512, §4 and App. D).
+
+    The inner net outputs v̂ ≈ v = √ᾱ_t·ε − √(1−ᾱ_t)·x0, and the head returns
+    ε̂ = √ᾱ_t·v̂ + √(1−ᾱ_t)·x_t, which is ε exactly when v̂ = v (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε).
+    Every method and rollout still sees an ε-predictor; only the error's weighting changes: x̂0 =
+    √ᾱ_t·x_t − √(1−ᾱ_t)·v̂ stays bounded at high noise, where ε-parametrisation divides ε̂'s error by
+    √ᾱ_t (×6.4 at t = 901 on the cosine schedule). ᾱ comes from the diffusers scheduler config the
+    head is given (the process's own), so the config rebuilds the net.
+    """
+
+    def __init__(self, inner: nn.Module, scheduler: dict):
+        super().__init__()
+        self.inner = inner
+        self.num_classes = getattr(inner, "num_classes", 0)
+        acp = DDIMScheduler(**scheduler).alphas_cumprod.double()
+        self.register_buffer("alphas_cumprod", acp, persistent=False)
+
+    def _coefficients(self, x, t):
+        ab = self.alphas_cumprod[t.round().long().to(self.alphas_cumprod.device)].to(x.dtype)
+        ab = ab.reshape(-1, *([1] * (x.dim() - 1)))
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def velocity(self, x, t, cond=None):
+        """v̂: the inner network's output (what `pretrain`'s ``v`` objective fits)."""
+        return self.inner(x, t, cond)
+
+    def forward(self, x, t, cond=None):
+        a, s = self._coefficients(x, t)
+        return a * self.inner(x, t, cond) + s * x
+
+
+def build_net(arch: str, prediction: str, seed: int = 0, dtype=torch.float32, v_head: dict | None = None,
+              **cfg) -> nn.Module:
+    """Build a random-init tiny network from config; `prediction` is 'epsilon' or 'v'.
+
+    ``v_head`` (a diffusers scheduler config; ε-prediction only) wraps the net in :class:`VHead`.
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if prediction not in PREDICTION.values():
         raise ValueError(f"unknown prediction {prediction!r}; choose 'epsilon' or 'v'")
+    if v_head is not None and prediction != "epsilon":
+        raise ValueError("v_head turns a v-network into an ε-predictor: it is for the diffusion process only")
     torch.manual_seed(seed)
-    net = ARCHS[arch](**cfg).to(dtype)
+    net = ARCHS[arch](**cfg)
+    net = (VHead(net, dict(v_head)) if v_head is not None else net).to(dtype)
     net.prediction = prediction
     return net
 

@@ -96,6 +96,14 @@ def smallest_matched_budget(costs, budget: int) -> int:
     return b
 
 
+def comparison_budget(specs: list[dict]) -> int:
+    """The budget of a comparison of planned matched specs: theirs if every one spends it within 1 %,
+    else the smallest larger budget that all of them do (``smallest_matched_budget``)."""
+    matched = [s for s in specs if s["budget"]["mode"] == "matched" and "schedule" in s["budget"]]
+    budget = int(specs[0]["budget"]["reward_queries"])
+    return smallest_matched_budget({s["budget"]["schedule"]["queries_per_sample"] for s in matched}, budget)
+
+
 def samples_per_iteration(spec: dict) -> int:
     tr, prompts = spec["train"], spec["prompts"]
     groups = len(prompts["train"]) if prompts.get("train") else int(prompts.get("per_iteration") or 1)

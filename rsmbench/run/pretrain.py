@@ -6,6 +6,9 @@ Objectives (one step on a data batch x0, ε ~ N(0, I)):
   with the diffusers convention of ``rsmbench.core.process.FlowProcess`` (model time σ·T).
 - ``epsilon`` (DDPM denoising score matching; Ho et al. 2020, arXiv 2006.11239, Eq. 14): t ~ U{0..T−1},
   x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε on the task's own scheduler, loss ⟨(ε_θ(x_t, t) − ε)²⟩.
+- ``v`` (the same x_t, for a net with a ``v_head``; Salimans & Ho 2022, arXiv 2202.00512, §4): loss
+  ⟨(v_θ(x_t, t) − v)²⟩ on the head's inner output, v = √ᾱ_t·ε − √(1−ᾱ_t)·x0. It equals the ε loss
+  weighted by 1/ᾱ_t (ε̂ − ε = √ᾱ_t·(v̂ − v)), so the high-noise steps are not down-weighted.
 AdamW, an EMA of the weights (the EMA is what is saved), one fixed seed for everything. With
 ``cond_dropout: p`` each sample's prompt id is replaced by the null prompt (id ``num_classes``) with
 probability p, so classifier-free guidance is trained in (Ho & Salimans 2022, arXiv 2207.12598, §3.2).
@@ -48,11 +51,11 @@ def pretrain(task_cfg, kind: str, log=print) -> tuple[torch.nn.Module, dict]:
     objective = hp["objective"]
     if objective == "flow_matching":
         T = float(process.scheduler.config.num_train_timesteps)
-    elif objective == "epsilon":
+    elif objective in ("epsilon", "v"):
         acp = process.scheduler.alphas_cumprod.double()
         T = len(acp)
     else:
-        raise ValueError(f"unknown pretraining objective {objective!r}; choose flow_matching or epsilon")
+        raise ValueError(f"unknown pretraining objective {objective!r}; choose flow_matching, epsilon or v")
     t0 = time.time()
     for step in range(hp["steps"]):
         x0, cond = data.sample(hp["batch"], gen)
@@ -70,7 +73,10 @@ def pretrain(task_cfg, kind: str, log=print) -> tuple[torch.nn.Module, dict]:
             ti = torch.randint(0, T, (len(x0),), generator=gen)
             ab = acp[ti].float().view(shape)
             xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-            pred, target = net(xt, ti.float(), cond), eps
+            if objective == "v":
+                pred, target = net.velocity(xt, ti.float(), cond), ab.sqrt() * eps - (1 - ab).sqrt() * x0
+            else:
+                pred, target = net(xt, ti.float(), cond), eps
         loss = ((pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -72,7 +72,7 @@ class Model:
 
 @dataclass
 class Pretrain:  # rsmbench pretrain
-    objective: Literal["epsilon", "flow_matching"] = value()
+    objective: Literal["epsilon", "flow_matching", "v"] = value()
     steps: int = value(ge=1)
     batch: int = value(ge=1)
     lr: float = value(gt=0)
@@ -266,6 +266,7 @@ def _validate(cfg: dict) -> None:
             raise TaskError(f"unknown process {kind!r}{did_you_mean(kind, KINDS)}; choose from {', '.join(KINDS)}")
         check_section(ProcessSection, sec, f"processes.{kind}")
         check_section(PROCESS_SCHEMAS[kind], sec["process"], f"processes.{kind}.process")
+        _v_head(kind, sec)
     bench = cfg.get("bench") or {}
     listed = bench.get("processes", "published")
     if listed != "published" and (not isinstance(listed, list) or not listed or any(k not in procs for k in listed)):
@@ -286,6 +287,17 @@ def _validate(cfg: dict) -> None:
         raise TaskError(f"profile {cfg['profile']!r} lacks its 'fullscale' section")
     for mid, entry in (cfg.get("methods") or {}).items():
         _method_entry(mid, entry)
+
+
+def _v_head(kind: str, sec: dict) -> None:
+    """A ``v_head`` (models.VHead) is an ε-predictor's, and its net is pretrained with the ``v`` objective."""
+    head = isinstance(sec["model"]["net"], dict) and sec["model"]["net"].get("v_head") is not None
+    if head and kind != "diffusion":
+        raise TaskError(f"processes.{kind}.model.net.v_head is for the diffusion process only")
+    objective = (sec.get("pretrain") or {}).get("objective")
+    if objective is not None and (objective == "v") != head:
+        raise TaskError(f"processes.{kind}.pretrain.objective {objective!r} needs "
+                        f"{'a' if objective == 'v' else 'no'} model.net.v_head")
 
 
 def _tiny(cfg: dict) -> None:
