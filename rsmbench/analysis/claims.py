@@ -375,6 +375,8 @@ def claim_redesigns(proto: dict, task_list: list[str], seeds, out: Path, workers
             else:
                 best.append(ratio)
                 cell = f"{ratio[0]:.2g} [{ratio[1]:.2g}, {ratio[2]:.2g}]"
+                if ratio[0] == 0:
+                    cell += " (the redesign never reaches the baseline's final metric)"
             ev.append(row + f"{cell} | {diff[0]:.3g} [{diff[1]:.3g}, {diff[2]:.3g}] | {v.why.split(' = ')[1]} | {kl} |")
     claimed = float(proto["claimed_speedup"])
     if not best:
