@@ -438,40 +438,6 @@ class ShapesData:
 
 
 # ---- figures ------------------------------------------------------------------------------------------
-def save_captioned_grid(x: torch.Tensor, captions, path, passed=None, ncol: int = 6, title: str = "") -> None:
-    """A PNG grid of images in [−1, 1], each titled with its caption (wrapped) and, when ``passed``
-    is given, framed green (pass) or red (fail) with ✓/✗ in the title."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    imgs = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    n = len(imgs)
-    rows = math.ceil(n / ncol)
-    fig, axes = plt.subplots(rows, ncol, figsize=(ncol * 1.25, rows * 1.55), dpi=80, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([]), ax.set_yticks([])
-        if k >= n:
-            ax.axis("off")
-            continue
-        ax.imshow(imgs[k], interpolation="nearest")
-        cap = "\n".join(textwrap.wrap(str(captions[k]), 20))
-        if passed is not None:
-            ok = bool(passed[k])
-            cap = ("✓ " if ok else "✗ ") + cap
-            for s in ax.spines.values():
-                s.set_color("tab:green" if ok else "tab:red"), s.set_linewidth(2.5)
-        ax.set_title(cap, fontsize=5.5, pad=2)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.3)
-    fig.savefig(path)
-    plt.close(fig)
-
-
 if __name__ == "__main__":
     for p in write_prompt_files():
         print(f"wrote {p}")

@@ -9,6 +9,7 @@ samples (``rsmbench.data.gmm.GroundTruth``).
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -238,12 +239,30 @@ def _panel(fig, view: dict, frame) -> None:
 PASS_FAIL = (np.array([0.84, 0.15, 0.16]), np.array([0.17, 0.63, 0.17]))  # red ✗, green ✓ (tab: colours)
 
 
-def _mosaic(ax, imgs: np.ndarray, captions, cols: int, passed=None) -> None:
-    """Images (n, h, w, c in [0, 1]) tiled on one white canvas, `cols` per row, each under its caption
-    (and in a green / red frame where `passed` says pass / fail): one axes, where an axes per image made
-    each grid cost ~1.5 s of layout."""
+def plot_captioned_grid(path: Path, x: torch.Tensor, captions, passed=None, ncol: int = 6, title: str = "") -> None:
+    """A PNG grid of images in [−1, 1], each under its caption (wrapped to two lines) and, when ``passed``
+    is given, with ✓/✗ and a green / red frame (GenEval's pass/fail; shapes' sample grids)."""
+    plt = _plt()
+    imgs = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    caps = ["\n".join(textwrap.wrap(("" if passed is None else "✓ " if ok else "✗ ") + str(c), 25, max_lines=2,
+                                     placeholder="…"))
+            for c, ok in zip(captions, passed if passed is not None else [None] * len(captions))]
+    cols = min(ncol, len(imgs))
+    fig, ax = plt.subplots(dpi=100, layout="constrained")
+    h, w = _mosaic(ax, imgs, caps, cols, passed, lines=2, fontsize=6)
+    fig.set_size_inches(cols * 1.2, cols * 1.2 * h / w + (0.35 if title else 0.1))
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _mosaic(ax, imgs: np.ndarray, captions, cols: int, passed=None, lines: int = 1, fontsize: float = 6.5):
+    """Images (n, h, w, c in [0, 1]) tiled on one white canvas, `cols` per row, each under its caption of
+    up to `lines` lines (and in a green / red frame where `passed` says pass / fail): one axes, where an
+    axes per image made each grid cost ~1.5 s of layout. Returns the canvas's (height, width)."""
     n, h, w = imgs.shape[:3]
-    rows, gap, band = math.ceil(n / cols), max(1, w // 16), max(4, round(h * 0.3))  # band: caption height
+    rows, gap, band = math.ceil(n / cols), max(1, w // 16), round(max(4, h * 0.3) * (0.6 + 0.4 * lines))
     m = 1 if passed is not None else 0  # the frame's width, in pixels of the canvas
     gap += 2 * m
     canvas = np.ones((rows * (band + h + gap) - gap + 2 * m, cols * (w + gap) - gap + 2 * m, 3))
@@ -254,9 +273,11 @@ def _mosaic(ax, imgs: np.ndarray, captions, cols: int, passed=None) -> None:
             canvas[y0 - m:y0 + h + m, x0 - m:x0 + w + m] = PASS_FAIL[bool(passed[k])]
         canvas[y0:y0 + h, x0:x0 + w] = imgs[k] if imgs.shape[-1] == 3 else imgs[k][..., :1]
         if k < len(captions):
-            ax.text(x0 + w / 2, y0 - m - 0.5, captions[k], ha="center", va="bottom", fontsize=6.5)
+            ax.text(x0 + w / 2, y0 - m - 0.5, captions[k], ha="center", va="bottom", fontsize=fontsize,
+                    linespacing=1.0)
     ax.imshow(canvas, interpolation="nearest")
     ax.axis("off")
+    return canvas.shape[:2]
 
 
 def _scatter(ax, view: dict, frame) -> None:

@@ -8,7 +8,7 @@ with the task's sampler (``eval.sampler``), guidance (``train.cfg_scale``) and s
 ``eval.seed_start``, scores them with the task's reward (``eval_metrics``: strict accuracy per
 category and their mean) and prints one JSON line. ``--grid`` writes the first ``grid-per-prompt``
 samples of each prompt, captioned with the prompt and framed by pass/fail
-(``rsmbench.data.shapes.save_captioned_grid``).
+(``rsmbench.run.evaluate.plot_captioned_grid``).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch
 
 from rsmbench.core.models import Policy
 from rsmbench.core.rollout import generators, sample
-from rsmbench.data import shapes
 from rsmbench.run import tasks
+from rsmbench.run.evaluate import plot_captioned_grid
 
 
 @torch.no_grad()
@@ -59,9 +59,9 @@ def main(argv=None) -> int:
         keep = torch.cat([torch.arange(a.grid_per_prompt) + k * a.per_prompt for k in range(len(cfg.eval.prompts))])
         ok = reward.passed(x[keep], cond[keep])
         names = [cfg.prompts.names[int(i)] for i in cond[keep]]
-        shapes.save_captioned_grid(x[keep], names, a.grid, passed=ok.tolist(), ncol=min(11, len(keep)),
-                                   title=f"{a.task} {a.process} base model, CFG {float(cfg.train.cfg_scale)}: "
-                                         f"overall accuracy {metrics['accuracy/overall']:.2f}")
+        plot_captioned_grid(a.grid, x[keep], names, passed=ok.tolist(), ncol=min(11, len(keep)),
+                            title=f"{a.task} {a.process} base model, CFG {float(cfg.train.cfg_scale)}: "
+                                  f"overall accuracy {metrics['accuracy/overall']:.2f}")
     return 0
 
 

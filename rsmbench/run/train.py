@@ -33,11 +33,10 @@ import torch
 from rsmbench.core import method as registry
 from rsmbench.core.method import FORMULATIONS, Context, formulation_loss
 from rsmbench.core.models import Policy
-from rsmbench.data.shapes import save_captioned_grid
 from rsmbench.run import budget as budgets
 from rsmbench.run import distributed, fullscale, setup
 from rsmbench.run.accounting import Counters, CountingReward
-from rsmbench.run.evaluate import plot_first_vs_last, plot_samples, sample_view
+from rsmbench.run.evaluate import plot_captioned_grid, plot_first_vs_last, plot_samples, sample_view
 from rsmbench.run.resume import load_state, save_state
 
 
@@ -143,7 +142,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             keep = [cond.index(c) for c in dict.fromkeys(cond)][:24]  # the first sample of each prompt
             ok = evaluator.reward.passed(x[keep], evaluator.cond[keep]).tolist()
             acc = last_view["ev"].get("eval/accuracy/overall")
-            save_captioned_grid(x[keep], [names[cond[k]] for k in keep], png, passed=ok, ncol=8,
+            plot_captioned_grid(png, x[keep], [names[cond[k]] for k in keep], passed=ok, ncol=8,
                                 title=f"{title} iteration {it}" + ("" if acc is None else f": accuracy {acc:.2f}"))
         else:
             plot_samples(png, title=title, **last_view["view"])
