@@ -47,7 +47,7 @@ from rsmbench.core import weights
 from rsmbench.core.estimators import first as fo
 from rsmbench.core.gradclip import ClippedRewardGradient
 from rsmbench.core.method import Batch, Method, _dtype, register
-from rsmbench.core.models import TimeMLP, TinyUNet, build_net
+from rsmbench.core.models import TextUNet, TimeMLP, TinyUNet, VHead, build_net
 from rsmbench.core.params import hp
 from rsmbench.core.rollout import generators, sample
 from rsmbench.core.rsm import RSMSpec, elementwise_mean
@@ -68,8 +68,17 @@ class ScaledAux(nn.Module):
 
 
 def auxiliary_net(like: nn.Module, seed: int, dtype, scale: float = 1.0) -> ScaledAux:
-    """A tiny random-init network with the policy's input/output shape (mlp or unet)."""
-    if isinstance(like, TimeMLP):
+    """A tiny random-init network with the policy's input/output shape and conditioning (mlp, unet or
+    text_unet; a VHead's inner net)."""
+    if isinstance(like, VHead):
+        like = like.inner
+    if isinstance(like, TextUNet):  # the policy's prompts and 2×2 folding, at half its widths
+        net = build_net("text_unet", like.prediction if hasattr(like, "prediction") else "epsilon", seed=seed,
+                        dtype=dtype, prompts=like.prompts, sample_size=like.unet.config.sample_size * like.patch,
+                        channels=like.unet.config.in_channels // like.patch ** 2, block_out_channels=(8, 16),
+                        norm_num_groups=4, attention_levels=1, attention_heads=2, text_dim=32, text_layers=1,
+                        text_heads=2, patch=like.patch)
+    elif isinstance(like, TimeMLP):
         net = build_net("mlp", like.prediction, seed=seed, dtype=dtype, dim=like.dim, hidden=32, depth=2,
                         temb=like.temb, num_classes=like.num_classes)
     elif isinstance(like, TinyUNet):

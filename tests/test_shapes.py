@@ -333,6 +333,21 @@ def test_base_samples_carry_no_2x2_checkerboard():
         assert roughness(x) < 1.5 * floor, kind
 
 
+def test_unpruned_vgg_flow_and_nabla_db_build_their_auxiliary_net_on_both_twins():
+    """The claims' pruning comparison runs VGG-Flow's value net and ∇-DB's flow net on shapes: the auxiliary
+    net takes the policy's images, times and prompt ids (a VHead's inner TextUNet on the diffusion twin)."""
+    from methods.vgg_flow import auxiliary_net
+
+    cfg = tasks.load("shapes")
+    x, t, cond = torch.randn(3, 3, 32, 32), torch.full((3,), 500.0), torch.tensor([0, 1, len(cfg.prompts.names)])
+    for kind in ("flow", "diffusion"):
+        aux = auxiliary_net(tasks.load_base(cfg, kind), seed=0, dtype=torch.float32, scale=0.5)
+        with torch.no_grad():
+            out = aux(x, t, cond)
+            assert out.shape == x.shape and torch.isfinite(out).all()
+            assert not torch.allclose(out[0], aux(x[:1], t[:1], cond[1:2])[0])  # the prompt reaches it
+
+
 def test_summary_shows_genevals_per_category_accuracy():
     from rsmbench.analysis import summary as SM
 

@@ -111,7 +111,7 @@ class TextUNet(nn.Module):
         if sample_size % patch:
             raise ValueError(f"sample_size {sample_size} is not a multiple of patch {patch}")
         self.patch = patch
-        prompts = [str(p) for p in prompts]
+        self.prompts = prompts = [str(p) for p in prompts]
         self.num_classes = len(prompts)
         words = sorted({w for p in prompts for w in p.split()})
         self.vocab = {w: i for i, w in enumerate((*self.SPECIAL, *words))}
