@@ -94,7 +94,10 @@ def test_claims_on_a_tiny_store_builds_the_report_and_reuses_every_run(tmp_path)
     c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("gmm").experiment_id
     first = {r.info.run_id: r.info.end_time for r in c.search_runs([exp])}
-    assert len(first) == 6  # pruned and unpruned VGG-Flow, RSM-FO: 3 configurations × 2 seeds
+    # pruned and unpruned VGG-Flow, RSM-FO: 3 configurations × 2 seeds; where the unpruned one cannot spend the
+    # task's budget within 1 %, the pruning pair runs at the smallest budget both do, apart from claim 6's pruned runs
+    rematched = "(the smallest budget both spend within 1 %" in text
+    assert len(first) == (8 if rematched else 6)
     _run(tmp_path)
     assert {r.info.run_id: r.info.end_time for r in c.search_runs([exp])} == first  # every run reused
     assert (tmp_path / "out" / "claims.tex").read_text().count(r"\\") >= 3
