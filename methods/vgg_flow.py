@@ -72,8 +72,8 @@ def auxiliary_net(like: nn.Module, seed: int, dtype, scale: float = 1.0) -> Scal
     text_unet; a VHead's inner net)."""
     if isinstance(like, VHead):
         like = like.inner
-    if isinstance(like, TextUNet):  # the policy's prompts and 2×2 folding, at half its widths
-        net = build_net("text_unet", like.prediction if hasattr(like, "prediction") else "epsilon", seed=seed,
+    if isinstance(like, TextUNet):  # the policy's prompts and 2×2 folding, narrower (8, 16) levels
+        net = build_net("text_unet", getattr(like, "prediction", "epsilon"), seed=seed,
                         dtype=dtype, prompts=like.prompts, sample_size=like.unet.config.sample_size * like.patch,
                         channels=like.unet.config.in_channels // like.patch ** 2, block_out_channels=(8, 16),
                         norm_num_groups=4, attention_levels=1, attention_heads=2, text_dim=32, text_layers=1,
