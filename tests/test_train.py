@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from rsmbench.run import tasks
-from rsmbench.run.evaluate import frechet
+from rsmbench.run.evaluate import Evaluator, frechet
 from rsmbench.run.runspec import eval_spec, run_spec
 from rsmbench.run.setup import tiny_evaluator
 from rsmbench.run.train import train_run
 from tests.bench_helpers import tiny_overrides
+from tests.helpers import tiny_policy
 
 
 def _run(tmp_path, formulation="rsm", method="reinforce_kl", seed=0):
@@ -114,3 +115,30 @@ def test_method_state_is_checkpointed_and_restored_on_resume(tmp_path, monkeypat
     monkeypatch.setattr(DPOK, "load_state_dict", spy)
     res = train_run(spec, ckpt_dir=ckpt)
     assert res.iterations == 4 and seen["state"].keys() == saved.keys()
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind):
+    """Evaluator.kl_to_ref batches (sample, step) states of several steps into one reference call
+    (kl_rows); its value is Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) written out step by step (float64, 1e-12),
+    with CFG and per-sample prompts, whatever the chunk (one step's batch, a size that splits a
+    sample's steps, everything at once)."""
+    policy, ref = tiny_policy(kind, cfg_scale=3.0, num_steps=5)
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ev = {"prompts": [0, 1], "num_samples": 6, "seed_start": 7, "sampler": "sde"}
+    reward = lambda x, cond=None: -(x ** 2).sum(1)  # noqa: E731
+    kls = []
+    for rows in (None, 7, 1000):
+        e = Evaluator(ev, policy.process, ref, reward, (2,), kl_rows=rows)
+        ro = e._sample(policy)
+        kls.append(e.kl_to_ref(ro))
+    proc, want = policy.process, torch.zeros(6, dtype=torch.float64)
+    for j, i in enumerate(ro.steps.tolist()):
+        x = ro.states[:, j]
+        mu_ref = proc.mean(x, ref(x, i, ro.cond), i)
+        want += 2 * ((ro.means[:, j] - mu_ref) ** 2).mean(1) / (2 * proc.std(i) ** 2)
+    assert want.min() > 0
+    for got in kls:
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)

@@ -55,7 +55,9 @@ class Evaluator:
     """The pinned eval protocol (a task's ``eval`` section) on one process; the base model's samples
     are computed once (and shared by the runs of one bench process, ``setup.tiny_evaluator``)."""
 
-    def __init__(self, ev: dict, process, ref: Policy, reward, shape, gt=None, base_extra: dict | None = None):
+    def __init__(self, ev: dict, process, ref: Policy, reward, shape, gt=None, base_extra: dict | None = None,
+                 kl_rows: int | None = None):
+        self.kl_rows = kl_rows  # states per reference-net call of the path KL, at least one step's batch
         self.process, self.ref, self.reward, self.shape, self.gt = process, ref, reward, shape, gt
         self.prompts = torch.tensor(list(ev["prompts"]))
         n = int(ev["num_samples"])
@@ -86,13 +88,16 @@ class Evaluator:
 
     @torch.no_grad()
     def kl_to_ref(self, ro) -> torch.Tensor:
-        """Per-sample path KL Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) along θ's trajectories (nats)."""
-        total = torch.zeros(ro.batch_size, dtype=torch.float64)
-        for j, i in enumerate(ro.steps.tolist()):
-            x = ro.states[:, j]
-            mu_ref = self.process.mean(x, self.ref(x, i, ro.cond), i)
-            total += self.dim * self.process.kl(ro.means[:, j], mu_ref, i).double()
-        return total
+        """Per-sample path KL Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) along θ's trajectories (nats). The reference
+        net sees max(``kl_rows``, one step's batch) (sample, step) states per call, several steps at once:
+        on the shapes UNet 220 states in one call cost 0.77× what ten calls of one step (22 states) do."""
+        tr = ro.transitions(only_stochastic=False)  # sample-major rows: sample b, step j at b·n + j
+        kl, rows = torch.empty(len(tr), dtype=torch.float64), max(self.kl_rows or 0, ro.batch_size)
+        for lo in range(0, len(tr), rows):
+            r = tr.select(slice(lo, lo + rows))
+            mu_ref = self.process.mean(r.x, self.ref(r.x, r.step, r.cond), r.step)
+            kl[lo:lo + len(r)] = self.process.kl(r.mean, mu_ref, r.step).double()
+        return self.dim * kl.view(ro.batch_size, -1).sum(1)
 
     @torch.no_grad()
     def base_rewards(self) -> torch.Tensor:

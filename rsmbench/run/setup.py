@@ -55,6 +55,9 @@ def shared_reward(reward: dict):
     return shared("reward", reward, lambda: tasks.make_reward(reward))
 
 
+KL_ROWS = 256  # the tiny evaluator's path KL: states per reference-net call (``Evaluator.kl_to_ref``)
+
+
 def tiny_evaluator(spec: dict) -> Evaluator:
     """The evaluator of a tiny-profile run spec (or ``runspec.eval_spec``): the base model's samples
     on the pinned seeds, and the exact ground truth where the task has one; built once per process."""
@@ -70,7 +73,7 @@ def tiny_evaluator(spec: dict) -> Evaluator:
         gt = tasks.exact_optimum(spec["data"], reward, spec["alpha"])
         cache = _BaseMetricsCache(key) if gt is not None else None
         ev = Evaluator(spec["eval"], process, ref, reward, tasks.sample_shape(spec["model"]), gt,
-                       base_extra=cache and cache.get())
+                       base_extra=cache and cache.get(), kl_rows=KL_ROWS)
         if cache:
             cache.put(ev.base_extra)
         return ev
