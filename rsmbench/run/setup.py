@@ -55,7 +55,7 @@ def shared_reward(reward: dict):
     return shared("reward", reward, lambda: tasks.make_reward(reward))
 
 
-KL_ROWS = 256  # the tiny evaluator's path KL: states per reference-net call (``Evaluator.kl_to_ref``)
+KL_ROWS = 64  # the tiny evaluator's path KL: states per reference-net call (``Evaluator.kl_to_ref``)
 
 
 def tiny_evaluator(spec: dict) -> Evaluator:
