@@ -317,14 +317,9 @@ def test_base_samples_carry_no_2x2_checkerboard():
     """The UNets run on 2×2-folded pixels; the diffusion twin's ε-prediction once left a 2×2 checkerboard of
     noise (rms about the 2×2 block mean 0.32, against 0.10 in the data). Both twins must stay within 1.5× of
     the data's (measured: diffusion 0.12 with its v head, flow 0.13)."""
-    import torch.nn.functional as F
-
     from rsmbench.run.shapes_eval import eval_samples
 
-    def roughness(x):
-        b = F.pixel_unshuffle(x.float(), 2).unflatten(1, (3, 4))
-        return (b - b.mean(2, keepdim=True)).pow(2).mean().sqrt().item()
-
+    roughness = S.block_roughness
     cfg = tasks.load("shapes")
     data = data_source("shapes", **OmegaConf.to_container(cfg.data.cfg, resolve=True))
     floor = roughness(data.sample(128, torch.Generator().manual_seed(3))[0])
@@ -388,3 +383,41 @@ def test_sample_grids_say_pass_or_fail_for_the_strict_reward():
     assert np.allclose(canvas[band, 0], EV.PASS_FAIL[True]) and np.allclose(canvas[band + 1, 1], 0.0)
     assert np.allclose(canvas[band, 12], EV.PASS_FAIL[False])  # the second frame's top row (it starts at w + gap = 11)
     plt.close(fig)
+
+
+def test_shapes_eval_scores_a_runs_weights_and_flags_the_2x2_texture(tmp_path, capsys):
+    """`python -m rsmbench.run.shapes_eval --weights RUN/net.safetensors` evaluates a run's network: the base
+    model's own weights give the base model's line; weights with a 2×2 texture on the output (a bias on one
+    sub-pixel of the folded image) raise `roughness` above the data's; a run of the other twin, or a file that is
+    not its weights, is one line and exit code 2."""
+    from safetensors.torch import save_file
+
+    from rsmbench.run import shapes_eval as SE
+
+    cfg = tasks.load("shapes")
+    net = tasks.load_base(cfg, "flow")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, run / "net.safetensors")
+    (run / "config.json").write_text(json.dumps({"process": "flow"}))
+
+    def line(*args):
+        assert SE.main(["--process", "flow", "--per-prompt", "1", *args]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    base, same = line(), line("--weights", str(run / "net.safetensors"))
+    assert same["weights"].endswith("net.safetensors") and base["weights"] == "base"
+    assert {k: v for k, v in same.items() if k != "weights"} == {k: v for k, v in base.items() if k != "weights"}
+    assert base["roughness"] < 1.5 * base["roughness_data"]
+    sd = net.state_dict()
+    bias = next(k for k in sd if k.endswith("conv_out.bias"))  # 12 folded channels: 3 colours × 4 sub-pixels
+    sd[bias] = sd[bias] + torch.tensor([1.5, 0, 0, 0] * 3)
+    save_file({k: v.contiguous() for k, v in sd.items()}, run / "net.safetensors")
+    assert line("--weights", str(run / "net.safetensors"))["roughness"] > 2 * base["roughness_data"]
+    (run / "config.json").write_text(json.dumps({"process": "diffusion"}))
+    assert SE.main(["--process", "flow", "--weights", str(run / "net.safetensors")]) == 2
+    assert "is a diffusion run; pass --process diffusion" in capsys.readouterr().err
+    (run / "config.json").unlink()
+    (run / "bad.safetensors").write_text("not weights")
+    assert SE.main(["--process", "flow", "--weights", str(run / "bad.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("shapes_eval: cannot load --weights")

@@ -121,9 +121,10 @@ def test_method_state_is_checkpointed_and_restored_on_resume(tmp_path, monkeypat
 def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind):
     """Evaluator.kl_to_ref batches (sample, step) states of several steps into one reference call
     (kl_rows); its value is Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) written out step by step (float64, 1e-12),
-    with CFG and per-sample prompts, whatever the chunk (one step's batch, a size that splits a
-    sample's steps, everything at once)."""
+    with CFG and per-sample prompts, whatever the chunk (as many states as one step has, a size that
+    splits a sample's steps, everything at once)."""
     policy, ref = tiny_policy(kind, cfg_scale=3.0, num_steps=5)
+    torch.manual_seed(0)
     with torch.no_grad():
         for p in policy.net.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -1,25 +1,33 @@
 """GenEval-style accuracy of a shapes model on the held-out prompts, and a captioned sample grid.
 
     python -m rsmbench.run.shapes_eval [--task shapes] [--process flow] [--per-prompt 16]
+                                       [--weights RUN_DIR/net.safetensors]
                                        [--grid PATH] [--grid-per-prompt 1] [key=value ...]
 
 Samples ``per-prompt`` images of every ``eval.prompts`` id from the task's committed base model
-with the task's sampler (``eval.sampler``), guidance (``train.cfg_scale``) and seeds from
+(or, with ``--weights``, a run's final network: ``results/runs/<hash>/net.safetensors`` of a run on
+that process) with the task's sampler (``eval.sampler``), guidance (``train.cfg_scale``) and seeds from
 ``eval.seed_start``, scores them with the task's reward (``eval_metrics``: strict accuracy per
-category and their mean) and prints one JSON line. ``--grid`` writes the first ``grid-per-prompt``
-samples of each prompt, captioned with the prompt and framed by pass/fail
-(``rsmbench.run.evaluate.plot_captioned_grid``).
+category and their mean) and prints one JSON line, with the samples' ``block_roughness`` (the
+2×2 texture a model can use to fool the detector; the rendered data's is ``roughness_data``).
+``--grid`` writes the first ``grid-per-prompt`` samples of each prompt, captioned with the prompt and
+framed by pass/fail (``rsmbench.run.evaluate.plot_captioned_grid``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from rsmbench.core.models import Policy
 from rsmbench.core.rollout import generators, sample
+from rsmbench.data import shapes as S
+from rsmbench.data.sources import data_source
 from rsmbench.run import tasks
 from rsmbench.run.evaluate import plot_captioned_grid
 
@@ -44,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", default="shapes")
     p.add_argument("--process", default="flow")
     p.add_argument("--per-prompt", type=int, default=16)
+    p.add_argument("--weights", default=None, help="a run's net.safetensors (default: the base model)")
     p.add_argument("--grid", default=None)
     p.add_argument("--grid-per-prompt", type=int, default=1)
     p.add_argument("overrides", nargs="*")
@@ -51,17 +60,33 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     cfg = tasks.load(a.task, a.overrides)
     reward = tasks.build_reward(cfg)
-    x, cond = eval_samples(cfg, a.process, a.per_prompt)
+    net = tasks.load_base(cfg, a.process)
+    if a.weights:
+        run_cfg = Path(a.weights).with_name("config.json")  # a run's directory says which twin it trained
+        trained = json.loads(run_cfg.read_text()).get("process") if run_cfg.is_file() else a.process
+        if trained != a.process:
+            print(f"shapes_eval: --weights {a.weights} is a {trained} run; pass --process {trained}", file=sys.stderr)
+            return 2
+        try:
+            net.load_state_dict(load_file(a.weights))
+        except Exception as e:  # noqa: BLE001 - missing, not safetensors, or another network's weights
+            print(f"shapes_eval: cannot load --weights {a.weights} into the {a.process} twin: "
+                  f"{(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+            return 2
+    x, cond = eval_samples(cfg, a.process, a.per_prompt, net=net)
     metrics = reward.eval_metrics(x, cond)
-    print(json.dumps({"task": a.task, "process": a.process, "per_prompt": a.per_prompt,
-                      "cfg_scale": float(cfg.train.cfg_scale), **metrics}))
+    data = data_source("shapes", **OmegaConf.to_container(cfg.data.cfg, resolve=True))
+    rough = {"roughness": round(S.block_roughness(x), 4),
+             "roughness_data": round(S.block_roughness(data.sample(128, torch.Generator().manual_seed(3))[0]), 4)}
+    print(json.dumps({"task": a.task, "process": a.process, "weights": a.weights or "base", "per_prompt": a.per_prompt,
+                      "cfg_scale": float(cfg.train.cfg_scale), **metrics, **rough}))
     if a.grid:
         keep = torch.cat([torch.arange(a.grid_per_prompt) + k * a.per_prompt for k in range(len(cfg.eval.prompts))])
         ok = reward.passed(x[keep], cond[keep])
         names = [cfg.prompts.names[int(i)] for i in cond[keep]]
         plot_captioned_grid(a.grid, x[keep], names, passed=ok.tolist(), ncol=min(11, len(keep)),
-                            title=f"{a.task} {a.process} base model, CFG {float(cfg.train.cfg_scale)}: "
-                                  f"overall accuracy {metrics['accuracy/overall']:.2f}")
+                            title=f"{a.task} {a.process} {a.weights or 'base model'}, CFG {float(cfg.train.cfg_scale)}"
+                                  f": overall accuracy {metrics['accuracy/overall']:.2f}")
     return 0
 
 
