@@ -167,8 +167,8 @@ def render(scene: Scene) -> np.ndarray:
 
 def block_roughness(x: torch.Tensor) -> float:
     """The rms of the pixels about their 2×2 block's mean (over channels and blocks): the texture that the
-    shapes UNets, which run on 2×2-folded pixels, can leave. Rendered scenes 0.097 (data source, 128
-    scenes); the base twins' samples 0.12–0.13 (tests/test_shapes.py)."""
+    shapes UNets, which run on 2×2-folded pixels, can leave. Rendered scenes 0.093 (the data source's 128
+    scenes of ``shapes_eval.data_roughness``); the base twins' samples 0.12–0.13 (tests/test_shapes.py)."""
     b = torch.nn.functional.pixel_unshuffle(x.float(), 2).unflatten(1, (x.shape[1], 4))
     return (b - b.mean(2, keepdim=True)).pow(2).mean().sqrt().item()
 

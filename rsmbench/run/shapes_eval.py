@@ -32,6 +32,12 @@ from rsmbench.run import tasks
 from rsmbench.run.evaluate import plot_captioned_grid
 
 
+def data_roughness(cfg) -> float:
+    """``block_roughness`` of 128 scenes of the task's pretraining data (seed 3): the texture floor."""
+    data = data_source("shapes", **OmegaConf.to_container(cfg.data.cfg, resolve=True))
+    return S.block_roughness(data.sample(128, torch.Generator().manual_seed(3))[0])
+
+
 @torch.no_grad()
 def eval_samples(cfg, kind: str, per_prompt: int, net=None, chunk: int = 128):
     """(x, cond): ``per_prompt`` samples of each eval prompt (prompt-major), seeds eval.seed_start + k."""
@@ -75,9 +81,7 @@ def main(argv=None) -> int:
             return 2
     x, cond = eval_samples(cfg, a.process, a.per_prompt, net=net)
     metrics = reward.eval_metrics(x, cond)
-    data = data_source("shapes", **OmegaConf.to_container(cfg.data.cfg, resolve=True))
-    rough = {"roughness": round(S.block_roughness(x), 4),
-             "roughness_data": round(S.block_roughness(data.sample(128, torch.Generator().manual_seed(3))[0]), 4)}
+    rough = {"roughness": round(S.block_roughness(x), 4), "roughness_data": round(data_roughness(cfg), 4)}
     print(json.dumps({"task": a.task, "process": a.process, "weights": a.weights or "base", "per_prompt": a.per_prompt,
                       "cfg_scale": float(cfg.train.cfg_scale), **metrics, **rough}))
     if a.grid:
