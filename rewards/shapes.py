@@ -20,10 +20,19 @@ CNN trained in-repo on rendered scenes with their exact labels (``python -m rewa
   it treats the pairs as independent). log P ≥ log ½ agrees with the strict score wherever the
   detector is confident (tests/test_shapes.py).
 
+* **audit** (eval only): a second detector, ``AUDIT_RECIPE`` (another seed, so other scenes, initialisation,
+  degradations and batches; width 16 for 24), scores the same eval samples as ``audit/<category>``. No method
+  ever sees it, so accuracy well above its audit means the training detector is being fooled (Goodhart): DRaFT at
+  10× the bench's budget scores 0.48 by the training detector and 0.33 by the audit, the base model 0.32 and 0.32
+  (352 samples). Both detectors are ≥ 99.2 % right on held-out renders; on the base models' samples, which are
+  ambiguous where a shape is malformed, they agree on 86–87 % of the pass/fail calls.
+
 Both expose ``features(x)`` (the detector's last hidden map, 96 × 4 × 4, flattened: diversity and
 prior-preservation metrics) and ``eval_metrics(x, cond)``: GenEval's protocol, the strict accuracy
 per category of the prompts and "overall" = their mean (GenEval's summary_scores.py averages the
-categories). The weights are committed (``rewards/weights/shapes_detector.safetensors``) with a JSON
+categories). The weights are committed (``rewards/weights/shapes_detector.safetensors``, and
+``shapes_audit_detector.safetensors``: ``python -m rewards.shapes --audit``, 13 min on 1 thread beside a
+bench) with a JSON
 card holding the recipe, the held-out agreement with the exact labels per category (clean and
 degraded renders) and the file's sha256, verified on every load.
 """
@@ -45,6 +54,7 @@ from rsmbench.errors import MissingWeights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS_PATH = os.path.join(HERE, "weights", "shapes_detector.safetensors")
+AUDIT_WEIGHTS_PATH = os.path.join(HERE, "weights", "shapes_audit_detector.safetensors")  # AUDIT_RECIPE
 TITLE = "geneval (tiny): exact-label compositional accuracy"
 NUM_CLASSES = 1 + S.NUM_TYPES  # empty + shape × colour
 CELLS = S.GRID * S.GRID
@@ -164,6 +174,16 @@ def log_probs(logits: torch.Tensor, specs) -> torch.Tensor:
     return out
 
 
+def category_accuracy(ok: torch.Tensor, specs, prefix: str) -> dict[str, float]:
+    """``prefix/<category>``: the pass rate of each category present; ``prefix/overall``: their mean (GenEval's
+    summary_scores.py averages the categories, not the images)."""
+    cats = np.array([s.category for s in specs])
+    out = {f"{prefix}/{c}": float(ok[torch.from_numpy(cats == c)].float().mean())
+           for c in S.CATEGORIES if (cats == c).any()}
+    out[f"{prefix}/overall"] = float(np.mean(list(out.values())))
+    return out
+
+
 # ---- the rewards ------------------------------------------------------------------------------------
 class GenevalTiny:
     """Strict: reward(x, cond) = 1 if the decoded scene satisfies prompt cond, else 0 (black box)."""
@@ -173,13 +193,15 @@ class GenevalTiny:
     differentiable = False
     pass_threshold = 0.5  # sample grids caption each image ✓ (reward 1) or ✗ (0) and frame it green or red
 
-    def __init__(self, prompts, weights: str = WEIGHTS_PATH):
-        """``prompts``: the task's prompt table (prompt id = index); ``weights``: the detector
-        (relative paths: from the repository root; its JSON card next to it)."""
-        if not os.path.isabs(weights):
-            weights = os.path.join(os.path.dirname(HERE), weights)
+    def __init__(self, prompts, weights: str = WEIGHTS_PATH, audit: str | None = AUDIT_WEIGHTS_PATH):
+        """``prompts``: the task's prompt table (prompt id = index); ``weights``: the detector; ``audit``: the
+        eval-only audit detector (None: none) (relative paths: from the repository root; JSON cards beside them)."""
+        def resolve(path):
+            return path if os.path.isabs(path) else os.path.join(os.path.dirname(HERE), path)
+
         self.specs = [S.parse(str(p)) for p in prompts]
-        self.detector = load_detector(weights)
+        self.detector = load_detector(resolve(weights))
+        self.audit = load_detector(resolve(audit)) if audit else None
 
     def _specs(self, cond) -> list:
         if cond is None:
@@ -207,12 +229,14 @@ class GenevalTiny:
 
     @torch.no_grad()
     def eval_metrics(self, x: torch.Tensor, cond) -> dict[str, float]:
-        """GenEval's summary: strict accuracy per category and ``accuracy/overall`` = their mean."""
-        ok = self.passed(x, cond).cpu()
-        cats = np.array([s.category for s in self._specs(cond)])
-        out = {f"accuracy/{c}": float(ok[torch.from_numpy(cats == c)].mean())
-               for c in S.CATEGORIES if (cats == c).any()}
-        out["accuracy/overall"] = float(np.mean(list(out.values())))
+        """GenEval's summary: strict accuracy per category and ``accuracy/overall`` = their mean; the same from
+        the audit detector as ``audit/<category>`` and ``audit/overall``. The audit never gives a reward or a
+        gradient, so ``accuracy`` well above ``audit`` means the training detector is being fooled."""
+        specs = self._specs(cond)
+        out = category_accuracy(self.passed(x, cond).cpu(), specs, "accuracy")
+        if self.audit is not None:
+            ok = strict_scores(self.audit.to(x.device)(x.float()), specs).cpu()
+            out.update(category_accuracy(ok, specs, "audit"))
         return out
 
 
@@ -277,6 +301,12 @@ RECIPE = dict(
            "uniformly chosen prompt of a uniformly chosen category (rsmbench.data.shapes.scene_for)",
     heldout=dict(seed=1, per_category=500, degrade_seed=2),
 )
+
+
+# The audit detector: scores eval samples only and never gives a reward, so a gap between its accuracy and the
+# training detector's shows a reward being fooled (Goodhart). Another seed (its own scenes, init, degradations
+# and batches) and width, the same held-out check.
+AUDIT_RECIPE = dict(RECIPE, seed=7, net=dict(width=16), steps=3000)
 
 
 def training_scenes(n: int, seed: int) -> list:
@@ -377,5 +407,12 @@ def train_detector(out_path: str = WEIGHTS_PATH, log=print, recipe: dict = RECIP
 
 
 if __name__ == "__main__":
+    import sys
+
     torch.set_num_threads(1)  # reproducible and kind to a shared machine
-    train_detector()
+    if sys.argv[1:] == ["--audit"]:
+        train_detector(AUDIT_WEIGHTS_PATH, recipe=AUDIT_RECIPE)
+    elif sys.argv[1:]:
+        sys.exit("usage: python -m rewards.shapes [--audit]")
+    else:
+        train_detector()

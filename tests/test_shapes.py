@@ -161,12 +161,14 @@ def reward():
     return rewards.get("geneval_tiny_soft", **tasks.reward_kwargs(cfg))
 
 
-def test_detector_agrees_with_exact_labels_per_category(reward):
-    """Small-scale version of the card's figure (rewards/weights/shapes_detector.json: 500 per
-    category): ≥ 98 % agreement of the strict score with the labels, clean and degraded."""
+@pytest.mark.parametrize("which", ["detector", "audit"])
+def test_detector_agrees_with_exact_labels_per_category(reward, which):
+    """Small-scale version of the cards' figure (rewards/weights/shapes_detector.json and
+    shapes_audit_detector.json: 500 per category): ≥ 98 % agreement of the strict score with the labels, clean
+    and degraded, for the training detector and the eval-only audit detector."""
     from rewards import shapes as R
 
-    v = R.validity(reward.detector, per_category=60, seed=11, degrade_seed=12)
+    v = R.validity(getattr(reward, which), per_category=60, seed=11, degrade_seed=12)
     for cat, m in v.items():
         assert m["clean"]["agreement"] >= 0.98, (cat, m)
         assert m["degraded"]["agreement"] >= 0.98, (cat, m)
@@ -211,7 +213,7 @@ def test_eval_metrics_are_genevals_summary(reward):
     ids = list(cfg.eval.prompts)
     good = S.to_tensor([S.render(S.scene_for(cfg.prompts.names[i], rng)) for i in ids])
     m = reward.eval_metrics(good, torch.tensor(ids))
-    assert set(m) == {"accuracy/overall"} | {f"accuracy/{c}" for c in S.CATEGORIES}
+    assert set(m) == {f"{k}/{c}" for k in ("accuracy", "audit") for c in ("overall", *S.CATEGORIES)}
     assert all(v == 1.0 for v in m.values())
     # only the category of the wrong images drops; overall = the mean of the six categories
     bad = torch.full_like(good, 0.7)  # blank grey images satisfy nothing
@@ -220,19 +222,43 @@ def test_eval_metrics_are_genevals_summary(reward):
     m = reward.eval_metrics(mix, torch.tensor(ids))
     assert m["accuracy/counting"] == 0.0 and m["accuracy/position"] == 1.0
     assert m["accuracy/overall"] == pytest.approx(5 / 6)
+    assert m["audit/counting"] == 0.0 and m["audit/overall"] == pytest.approx(5 / 6)
     assert reward.features(good).shape == (len(ids), 96 * 16)
     with pytest.raises(ValueError, match="prompt ids"):
         reward(good)
 
 
-def test_detector_weights_are_hash_checked(tmp_path):
+def test_the_audit_detector_sees_through_an_attack_on_the_training_detector(reward):
+    """What the audit is for. Sign-gradient ascent on the training detector's soft reward, 40 steps of 0.02 within
+    ±0.1 of the pixels (5 % of their range), turns rendered scenes of random content into passes of the 22 held-out
+    prompts for the training detector (measured 0.14 → 0.82), not for the audit detector (0.14 → 0.27)."""
+    from rewards import shapes as R
+
+    cfg = tasks.load("shapes")
+    ids = torch.tensor(list(cfg.eval.prompts))
+    rng = np.random.default_rng(0)
+    x0 = S.to_tensor([S.render(S.random_scene(rng)) for _ in ids])
+    x = x0.clone()
+    for _ in range(40):
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(reward(x, ids).sum(), x)
+        x = (x.detach() + 0.02 * g.sign()).clamp(x0 - 0.1, x0 + 0.1).clamp(-1, 1)
+    specs = reward._specs(ids)
+    before = [R.strict_scores(d(x0), specs).mean().item() for d in (reward.detector, reward.audit)]
+    after = [R.strict_scores(d(x), specs).mean().item() for d in (reward.detector, reward.audit)]
+    assert before[0] == before[1] < 0.2
+    assert after[0] >= 0.7 and after[1] <= 0.4, (before, after)
+
+
+@pytest.mark.parametrize("which", ["WEIGHTS_PATH", "AUDIT_WEIGHTS_PATH"])
+def test_detector_weights_are_hash_checked(tmp_path, which):
     import shutil
 
     from rewards import shapes as R
 
     dst = tmp_path / "det.safetensors"
-    shutil.copy(R.WEIGHTS_PATH, dst)
-    shutil.copy(R.WEIGHTS_PATH.replace(".safetensors", ".json"), tmp_path / "det.json")
+    shutil.copy(getattr(R, which), dst)
+    shutil.copy(getattr(R, which).replace(".safetensors", ".json"), tmp_path / "det.json")
     R.load_detector(str(dst))
     with open(dst, "r+b") as f:
         f.seek(-4, 2)
@@ -355,6 +381,10 @@ def test_summary_shows_genevals_per_category_accuracy():
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert head[3:10] == ["accuracy", "single", "two obj.", "counting", "colors", "position", "attr."]
     assert cells[3] == "0.50 [0.40, 0.60]" and cells[6] == "0.75 [0.70, 0.80]" and cells[4] == "–"
+    assert "audit 0.31" in SM.base_text({**b, "eval/audit/overall": 0.3125})
+    row.intervals["eval/audit/overall"] = (0.25, 0.2, 0.3)
+    head = [c.strip() for c in SM.table([row], ["accuracy", "audit"]).splitlines()[0].strip("|").split("|")]
+    assert head[3:5] == ["accuracy", "audit"]
 
 
 def test_sample_grids_say_pass_or_fail_for_the_strict_reward():

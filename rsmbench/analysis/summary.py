@@ -38,6 +38,7 @@ COLUMNS = {
 ACCURACY = {"accuracy": "overall", "single": "single_object", "two obj.": "two_object", "counting": "counting",
             "colors": "colors", "position": "position", "attr.": "color_attr"}
 COLUMNS.update({c: (f"eval/accuracy/{k}", True, 2) for c, k in ACCURACY.items()})
+COLUMNS["audit"] = ("eval/audit/overall", True, 2)  # the same protocol scored by an eval-only detector (shapes)
 
 
 @dataclass
@@ -204,7 +205,7 @@ def base_values(tracker, rows: list[Row]) -> dict:
 
 BASE_CONSTANTS = ("J_star_model", "J_star_exact", "gap_ref", "sw_floor_exact", "sw_base_to_mixture")
 BASE_SHOWN = ("eval/reward_mean", "eval/J", "eval/diversity", "eval/sw_to_target",
-              *(f"eval/accuracy/{k}" for k in ACCURACY.values()))
+              *(f"eval/accuracy/{k}" for k in ACCURACY.values()), "eval/audit/overall")
 
 
 def base_text(b: dict) -> str:
@@ -220,6 +221,8 @@ def base_text(b: dict) -> str:
            if f"eval/accuracy/{k}" in b]
     if acc:
         parts.append("accuracy: " + ", ".join(acc))
+    if "eval/audit/overall" in b:
+        parts.append(f"audit {b['eval/audit/overall']:.2f}")
     if "eval/diversity" in b:
         parts.append(f"diversity {_num(b['eval/diversity'])}")
     return "; ".join(parts)
@@ -235,6 +238,8 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
     columns = ["reward", "KL", "J", "J-gap", "J-gap exact", "SW→p*"] if gmm else ["reward", "KL"]
     if any("eval/accuracy/overall" in r.values for r in rows):  # GenEval-style: overall, then per category
         columns = list(ACCURACY) + ["KL"]
+        if any("eval/audit/overall" in r.values for r in rows):
+            columns.insert(1, "audit")
     columns += ["diversity", "prior FD"]
     metric, higher = str(cfg.bench.get("metric", "eval/reward_mean")), bool(cfg.bench.get("higher_is_better", True))
     bases = base_values(tracker, rows)
@@ -254,6 +259,10 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
              f"(selection metric `{metric}`, within each process: each has its own base model): best; ≈ best = "
              "cannot be told apart from the best at 95 % "
              "(probability of improvement); > base = the CI is above the base model.", "", text, ""]
+    if "audit" in columns:
+        lines += ["`audit`: the overall accuracy of the same samples scored by a second detector that no method "
+                  "trains on (rewards/shapes.py AUDIT_RECIPE); `accuracy` well above `audit` means the training "
+                  "detector is being fooled.", ""]
     for proc, b in sorted(bases.items()):
         lines.append(f"- {proc} base model (iteration 0 of every run): " + base_text(b))
     if bases:
