@@ -106,7 +106,7 @@ def comparison_budget(specs: list[dict]) -> int:
 
 def samples_per_iteration(spec: dict) -> int:
     tr, prompts = spec["train"], spec["prompts"]
-    groups = len(prompts["train"]) if prompts.get("train") else int(prompts.get("per_iteration") or 1)
+    groups = int(prompts.get("per_iteration") or len(prompts.get("train") or ()) or 1)  # as setup.prompt_draws
     return groups * int(tr["batch_per_prompt"])
 
 

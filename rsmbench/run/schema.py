@@ -308,6 +308,10 @@ def _tiny(cfg: dict) -> None:
         raise TaskError("prompts.train must be a non-empty list of prompt ids on the tiny profile")
     if not cfg["eval"]["prompts"]:
         raise TaskError("eval.prompts must be a non-empty list of prompt ids on the tiny profile")
+    per_it, n_train = cfg["prompts"].get("per_iteration"), len(cfg["prompts"]["train"])
+    if per_it is not None and per_it > n_train:
+        raise TaskError(f"prompts.per_iteration = {per_it} draws more distinct prompts than the "
+                        f"{n_train} of prompts.train")
     ids = set(cfg["prompts"]["train"]) | set(cfg["eval"]["prompts"]) | set(cfg["prompts"].get("eval") or [])
     for kind, sec in cfg["processes"].items():
         if not sec["model"].get("checkpoint"):

@@ -101,6 +101,32 @@ class _BaseMetricsCache:
             paths.write_cache(self.FILE, {**data, self.key: metrics})
 
 
+def prompt_draws(spec: dict, num_prompts: int | None = None):
+    """it -> the prompt ids of iteration it, each repeated ``train.batch_per_prompt`` times (one group each):
+    * ``prompts.train`` without ``per_iteration``: that fixed list, every iteration;
+    * ``prompts.train`` with ``per_iteration`` k: k distinct ids of that list, drawn afresh each iteration;
+    * no ``prompts.train`` (full scale): ``per_iteration`` ids (default: ``num_prompts``) drawn uniformly from the
+      whole list of ``num_prompts`` with replacement, as DDPO draws its prompts (ddpo-pytorch@1958463
+      scripts/train.py:319, one ``prompt_fn()`` per sample; ddpo_pytorch/prompts.py:43 ``from_file`` picks a line
+      uniformly).
+    Draws are seeded by (run seed, iteration), so a resumed run collects the same prompts."""
+    train_ids, per_it = spec["prompts"].get("train"), spec["prompts"].get("per_iteration")
+    bpp = int(spec["train"]["batch_per_prompt"])  # per_iteration ≤ len(train): schema._tiny
+
+    def cond(it: int) -> torch.Tensor:
+        if train_ids and not per_it:
+            ids = torch.tensor(list(train_ids))
+        else:
+            g = torch.Generator().manual_seed(int(spec["seed"]) * 1_000_003 + it)
+            if train_ids:
+                ids = torch.tensor(list(train_ids))[torch.randperm(len(train_ids), generator=g)[: int(per_it)]]
+            else:
+                ids = torch.randint(num_prompts, (int(per_it or num_prompts),), generator=g)
+        return ids.repeat_interleave(bpp)
+
+    return cond
+
+
 def tiny_setup(spec: dict, counters: Counters, with_eval: bool = True) -> Setup:
     """The task's committed base network, trained in full; θ† a frozen copy at each collection."""
     kind, cfg_scale = spec["process"], float(spec["train"]["cfg_scale"])
@@ -108,14 +134,13 @@ def tiny_setup(spec: dict, counters: Counters, with_eval: bool = True) -> Setup:
     net = tasks.base_network(spec["model"], spec["task"], tasks.DTYPES[spec["train"]["dtype"]])
     net.train().requires_grad_(True)
     evaluator = tiny_evaluator(spec) if with_eval else None
-    cond = torch.tensor(list(spec["prompts"]["train"])).repeat_interleave(int(spec["train"]["batch_per_prompt"]))
     return Setup(process=process, policy=CountingPolicy(net, process, cfg_scale, counters),
                  ref=CountingPolicy(frozen_copy(net), process, cfg_scale, counters),
                  new_behaviour=lambda: CountingPolicy(frozen_copy(net), process, cfg_scale, counters),
                  reward=shared_reward(spec.get("train_reward") or spec["reward"]),
                  params=[p for p in net.parameters() if p.requires_grad],
                  state=net.state_dict, load=net.load_state_dict, evaluator=evaluator, eval_process=process,
-                 shape=tasks.sample_shape(spec["model"]), cond=lambda it: cond, gt=evaluator and evaluator.gt)
+                 shape=tasks.sample_shape(spec["model"]), cond=prompt_draws(spec), gt=evaluator and evaluator.gt)
 
 
 def full_setup(spec: dict, m, counters: Counters, with_eval: bool = True) -> Setup:
@@ -138,17 +163,6 @@ def full_setup(spec: dict, m, counters: Counters, with_eval: bool = True) -> Set
         return CountingPolicy(F.ctx.behaviour.net, process, w, counters)
 
     P = len(prompts)
-    train_ids = spec["prompts"].get("train")
-    per_it, bpp = int(spec["prompts"].get("per_iteration") or P), int(tr["batch_per_prompt"])
-
-    def cond(it):  # DDPO: prompts drawn uniformly from the list each iteration (seeded by run seed, iteration)
-        if train_ids:
-            ids = torch.tensor(list(train_ids))
-        else:
-            g = torch.Generator().manual_seed(int(spec["seed"]) * 1_000_003 + it)
-            ids = torch.randint(P, (per_it,), generator=g)
-        return ids.repeat_interleave(bpp)
-
     ev = {**spec["eval"], "prompts": list(spec["eval"].get("prompts") or range(P))}
     evaluator = Evaluator(ev, eval_process, Policy(F.ctx.ref.net, eval_process, w), F.ctx.reward,
                           F.ctx.shape) if with_eval else None
@@ -162,7 +176,8 @@ def full_setup(spec: dict, m, counters: Counters, with_eval: bool = True) -> Set
                  reward=F.ctx.reward, params=F.net.lora_parameters(),
                  state=lambda: fullscale.trainable_state(F.net),
                  load=lambda sd: fullscale.load_trainable_state(F.net, sd),
-                 evaluator=evaluator, eval_process=eval_process, shape=F.ctx.shape, cond=cond, to_images=to_images)
+                 evaluator=evaluator, eval_process=eval_process, shape=F.ctx.shape, cond=prompt_draws(spec, P),
+                 to_images=to_images)
 
 
 def build(spec: dict, m, counters: Counters, with_eval: bool = True) -> Setup:
