@@ -235,9 +235,15 @@ class GenevalTiny:
         specs = self._specs(cond)
         out = category_accuracy(self.passed(x, cond).cpu(), specs, "accuracy")
         if self.audit is not None:
-            ok = strict_scores(self.audit.to(x.device)(x.float()), specs).cpu()
-            out.update(category_accuracy(ok, specs, "audit"))
+            out.update(category_accuracy(self.audit_passed(x, cond).cpu(), specs, "audit"))
         return out
+
+    @torch.no_grad()
+    def audit_passed(self, x: torch.Tensor, cond) -> torch.Tensor | None:
+        """The strict score by the audit detector (None without one)."""
+        if self.audit is None:
+            return None
+        return strict_scores(self.audit.to(x.device)(x.float()), self._specs(cond)).to(x.device)
 
 
 class GenevalTinySoft(GenevalTiny):

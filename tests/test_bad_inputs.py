@@ -143,6 +143,8 @@ CASES = [
      ["cannot run", "branch schedule", "at most 10"]),
     ("reward_unknown", [*GMM, "reward.name=nosuch"], ["unknown reward 'nosuch'", "choose from"]),
     ("prompts_empty", [*GMM, "prompts.train=[]"], ["prompts.train", "non-empty list"]),
+    ("prompts_per_iteration", ["bench", "--task", "shapes", "--no-progress", "prompts.per_iteration=7"],
+     ["prompts.per_iteration = 7", "the 6 of prompts.train"]),
     ("pretrain_process", ["pretrain", "--task", "gmm", "--process", "flw"], ["no process 'flw'", "choose from flow"]),
     ("equiv_method_preset", ["equiv", "--methods", "grpo", "--preset", "nosuch"], ["nosuch"]),
     ("equiv_hp_no_value", ["equiv", "--hp", "beta"], ["beta"]),

@@ -1,6 +1,7 @@
 """The shapes task (issue 13): world, prompts, checker, detector reward, text model, base checkpoints."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -402,6 +403,9 @@ def test_sample_grids_say_pass_or_fail_for_the_strict_reward():
     v = EV.sample_view(x, torch.tensor([1.0, 0.0]), cond, names, "iteration 3", pass_threshold=0.5)
     assert v["captions"] == ["✓ a red circle", "✗ two blue squares"] and v["passed"] == [True, False]
     assert v["label"] == "iteration 3: 1 of 2 pass"
+    audited = EV.sample_view(x, torch.tensor([1.0, 0.0]), cond, names, "iteration 3", pass_threshold=0.5,
+                             audit=torch.tensor([0.0, 0.0]))
+    assert audited["label"] == "iteration 3: 1 of 2 pass (0 by the audit)" and audited["passed"] == [True, False]
     plain = EV.sample_view(x, torch.tensor([1.0, 0.0]), cond, names, "iteration 3")
     assert plain["captions"] == ["a red circle | 1.00", "two blue squares | 0.00"] and "passed" not in plain
     fig, ax = plt.subplots()
@@ -449,3 +453,27 @@ def test_shapes_eval_scores_a_runs_weights_and_flags_the_2x2_texture(tmp_path, c
     (run / "bad.safetensors").write_text("not weights")
     assert SE.main(["--process", "flow", "--weights", str(run / "bad.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("shapes_eval: cannot load --weights")
+
+
+def test_a_shapes_run_logs_the_audit_beside_the_accuracy_and_in_its_grids(tmp_path, monkeypatch):
+    """A GRPO run on the diffusion twin, 2 iterations of 2 prompts drawn from all 22 train prompts: every eval logs
+    GenEval's accuracies by both detectors, and the before/after grid says how many pass each."""
+    from rsmbench.run import train as T
+    from rsmbench.run.runspec import run_spec
+    from rsmbench.run.train import train_run
+
+    panels = []
+    monkeypatch.setattr(T, "plot_first_vs_last", lambda path, first, last, title: panels.extend([first, last]))
+    cfg = tasks.load("shapes", ["prompts.train=[" + ",".join(map(str, range(22))) + "]", "prompts.per_iteration=2",
+                                "train.batch_per_prompt=4", "budget.reward_queries=16", "eval.points=1",
+                                "eval.prompts=[22,28,36]", "eval.num_samples=3"])
+    logged, arts = [], []
+    res = train_run(run_spec(cfg, "grpo", "original", "diffusion", 0), log_metrics=lambda m, s: logged.append(m),
+                    log_artifact=arts.append, ckpt_dir=tmp_path)
+    assert res.iterations == 2 and res.counters.reward_queries == 16
+    evals = [m for m in logged if "eval/accuracy/overall" in m]
+    assert len(evals) == 2 and all({"eval/audit/overall", "eval/audit/position"} <= set(m) for m in evals)
+    assert all(0 <= m["eval/audit/overall"] <= 1 for m in evals)
+    first, last = panels
+    assert re.fullmatch(r"iteration 0 \(base model\): \d of 3 pass \(\d by the audit\)", first["label"])
+    assert re.fullmatch(r"iteration 2: \d of 3 pass \(\d by the audit\)", last["label"])

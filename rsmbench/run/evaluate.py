@@ -147,11 +147,12 @@ def grid_indices(cond: torch.Tensor, n: int = 16) -> list[int]:
 
 
 def sample_view(x: torch.Tensor, rewards: torch.Tensor, cond: torch.Tensor, names, label: str, to_images=None,
-                base=None, target=None, pass_threshold: float | None = None) -> dict:
+                base=None, target=None, pass_threshold: float | None = None, audit=None) -> dict:
     """What one sample panel shows (the arguments of ``plot_samples``): for images, the grid's samples
     with "prompt | reward" captions (TRL's convention; prompt names from the task's ``prompts.names``), or,
     for a pass/fail reward (``pass_threshold``: GenEval's strict score), "✓ prompt" / "✗ prompt" and a
-    green / red frame; for 2-D data every sample with the base model's and the exact target's."""
+    green / red frame, and with ``audit`` (the eval-only detector's 0/1 per sample) how many of the shown pass
+    it; for 2-D data every sample with the base model's and the exact target's."""
     if x.dim() == 2 and to_images is None:
         return dict(x=x, label=label, rewards=rewards, base=base, target=target)
     idx = grid_indices(cond, 16)
@@ -162,6 +163,8 @@ def sample_view(x: torch.Tensor, rewards: torch.Tensor, cond: torch.Tensor, name
         return dict(x=imgs, label=label, captions=[f"{n} | {v:.2f}" for n, v in zip(names, r)])
     passed = [v >= pass_threshold for v in r]
     label += f": {sum(passed)} of {len(passed)} pass" if label else ""
+    label += f" ({sum(float(audit[i]) >= pass_threshold for i in idx)} by the audit)" if label and audit is not None \
+        else ""
     return dict(x=imgs, label=label, captions=[f"{'✓' if p else '✗'} {n}" for n, p in zip(names, passed)],
                 passed=passed)
 

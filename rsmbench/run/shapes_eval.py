@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         names = [cfg.prompts.names[int(i)] for i in cond[keep]]
         plot_captioned_grid(a.grid, x[keep], names, passed=ok.tolist(), ncol=min(11, len(keep)),
                             title=f"{a.task} {a.process} {a.weights or 'base model'}, CFG {float(cfg.train.cfg_scale)}"
-                                  f": overall accuracy {metrics['accuracy/overall']:.2f}")
+                                  f": overall accuracy {metrics['accuracy/overall']:.2f}"
+                                  + (f" (audit {metrics['audit/overall']:.2f})" if "audit/overall" in metrics else ""))
     return 0
 
 

@@ -125,7 +125,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             title = f"{spec['method']} ({formulation}, {kind}, seed {spec['seed']})"
             ref_pts = dict(base=evaluator.base.final, target=None if gt is None else gt.exact_a)
             view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts,
-                               pass_threshold=pass_threshold)
+                               pass_threshold=pass_threshold, audit=audit_passed(x))
             last_view.update(it=it, view=view, title=title, refs=ref_pts, x=x, ev=ev)
             if last:  # the evals before are metrics only; iteration 0 is the left panel of first_vs_last
                 save_grid()
@@ -141,19 +141,23 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             cond = evaluator.cond.tolist()
             keep = [cond.index(c) for c in dict.fromkeys(cond)][:24]  # the first sample of each prompt
             ok = evaluator.reward.passed(x[keep], evaluator.cond[keep]).tolist()
-            acc = last_view["ev"].get("eval/accuracy/overall")
+            acc, audit = (last_view["ev"].get(f"eval/{k}/overall") for k in ("accuracy", "audit"))
             plot_captioned_grid(png, x[keep], [names[cond[k]] for k in keep], passed=ok, ncol=8,
-                                title=f"{title} iteration {it}" + ("" if acc is None else f": accuracy {acc:.2f}"))
+                                title=f"{title} iteration {it}" + ("" if acc is None else f": accuracy {acc:.2f}")
+                                + ("" if audit is None else f" (audit {audit:.2f})"))
         else:
             plot_samples(png, title=title, **last_view["view"])
         log_artifact(png)
 
     last_view = {}  # the latest eval's sample view: a diverged run shows it beside iteration 0
 
+    def audit_passed(x):  # shapes: the eval-only detector's 0/1 per sample (rewards/shapes.py), else None
+        return getattr(evaluator.reward, "audit_passed", lambda *_: None)(x, evaluator.cond)
+
     def first_vs_last(title: str):
         first = sample_view(evaluator.base.final, evaluator.base_rewards(), evaluator.cond, names,
                             "iteration 0 (base model)", S.to_images, **last_view["refs"],
-                            pass_threshold=pass_threshold)
+                            pass_threshold=pass_threshold, audit=audit_passed(evaluator.base.final))
         png = ckpt_dir / "samples_first_vs_last.png"
         plot_first_vs_last(png, first, last_view["view"], title)
         log_artifact(png)
