@@ -21,17 +21,19 @@ CNN trained in-repo on rendered scenes with their exact labels (``python -m rewa
   detector is confident (tests/test_shapes.py).
 
 * **audit** (eval only): a second detector, ``AUDIT_RECIPE`` (another seed, so other scenes, initialisation,
-  degradations and batches; width 16 for 24), scores the same eval samples as ``audit/<category>``. No method
-  ever sees it, so accuracy well above its audit means the training detector is being fooled (Goodhart): DRaFT at
-  10× the bench's budget scores 0.48 by the training detector and 0.33 by the audit, the base model 0.32 and 0.32
-  (352 samples). Both detectors are ≥ 99.2 % right on held-out renders; on the base models' samples, which are
-  ambiguous where a shape is malformed, they agree on 86–87 % of the pass/fail calls.
+  degradations and batches; width 16 for 24; and periodic ``texture`` on 30 % of its training images, so that it
+  reads a grid texture over the background as background, as a person does), scores the same eval samples as
+  ``audit/<category>``. No method ever sees it, so accuracy well above its audit means the training detector is
+  being fooled (Goodhart). 352 samples, training detector / audit: base diffusion 0.32 / 0.34, base flow
+  0.33 / 0.30, DRaFT at 10× the bench's budget 0.48 / 0.28. On held-out renders it is ≥ 98.6 % right (clean,
+  degraded, textured); on the base models' samples, ambiguous where a shape is malformed, the two detectors agree
+  on 88–90 % of the pass/fail calls. Its texture is one the audit knows; a hack of another kind can fool both.
 
 Both expose ``features(x)`` (the detector's last hidden map, 96 × 4 × 4, flattened: diversity and
 prior-preservation metrics) and ``eval_metrics(x, cond)``: GenEval's protocol, the strict accuracy
 per category of the prompts and "overall" = their mean (GenEval's summary_scores.py averages the
 categories). The weights are committed (``rewards/weights/shapes_detector.safetensors``, and
-``shapes_audit_detector.safetensors``: ``python -m rewards.shapes --audit``, 13 min on 1 thread beside a
+``shapes_audit_detector.safetensors``: ``python -m rewards.shapes --audit``, 16 min on 1 thread beside a
 bench) with a JSON
 card holding the recipe, the held-out agreement with the exact labels per category (clean and
 degraded renders) and the file's sha256, verified on every load.
@@ -247,11 +249,26 @@ class GenevalTiny:
 
 
 class GenevalTinySoft(GenevalTiny):
-    """Smooth: reward(x, cond) = log P(every constraint of prompt cond holds), differentiable."""
+    """Smooth: reward(x, cond) = log P(every constraint of prompt cond holds), differentiable.
+
+    ``augment`` K > 0: the mean of log P over K random ``degrade`` copies of each image (an expectation over
+    transformations), so that a pattern the detector reads only on clean pixels, such as the 2×2 texture DRaFT
+    finds, earns less. Its stream is seeded by ``augment_seed`` and advances with every call."""
 
     name = "geneval_tiny_soft"
     title = "geneval (tiny, soft): log-probability that the prompt's constraints hold"
     differentiable = True
+
+    def __init__(self, prompts, weights: str = WEIGHTS_PATH, audit: str | None = AUDIT_WEIGHTS_PATH,
+                 augment: int = 0, augment_seed: int = 0):
+        super().__init__(prompts, weights, audit)
+        self.augment, self._gen = int(augment), torch.Generator().manual_seed(int(augment_seed))
+
+    def log_prob(self, x: torch.Tensor, cond) -> torch.Tensor:
+        if not self.augment:
+            return super().log_prob(x, cond)
+        copies = [degrade(x, self._gen).to(x.device) for _ in range(self.augment)]
+        return torch.stack([super(GenevalTinySoft, self).log_prob(c, cond) for c in copies]).mean(0)
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         return self.log_prob(x, cond)
@@ -299,6 +316,25 @@ def degrade(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> tor
     return y.clamp(-1, 1).to(x.dtype)
 
 
+def texture(x: torch.Tensor, gen: torch.Generator, amplitude: float = 0.6) -> torch.Tensor:
+    """Images in [−1, 1] under a periodic pattern: a random tile of 2, 3 or 4 px per side (each pixel and channel
+    uniform in ±1), repeated over the image at a random phase and scaled by an amplitude uniform in [0, amplitude];
+    the grid textures a fine-tuned generator puts on its samples (DRaFT on shapes), which a person reads as
+    background."""
+    B = x.shape[0]
+    y = x.float().clone()
+    period = torch.randint(2, 5, (B,), generator=gen)
+    amp = amplitude * torch.rand(B, generator=gen)
+    for b in range(B):
+        p = int(period[b])
+        tile = 2 * torch.rand(3, p, p, generator=gen) - 1
+        shift = torch.randint(p, (2,), generator=gen).tolist()
+        reps = S.SIZE // p + 2
+        pattern = tile.repeat(1, reps, reps)[:, shift[0]:shift[0] + S.SIZE, shift[1]:shift[1] + S.SIZE]
+        y[b] = y[b] + amp[b] * pattern
+    return y.clamp(-1, 1).to(x.dtype)
+
+
 # ---- training and validity (reproducible: python -m rewards.shapes) ------------------------------------------
 RECIPE = dict(
     seed=0, net=dict(width=24), train_scenes=40000, steps=4000, batch=128, lr=2e-3, weight_decay=1e-4,
@@ -312,7 +348,10 @@ RECIPE = dict(
 # The audit detector: scores eval samples only and never gives a reward, so a gap between its accuracy and the
 # training detector's shows a reward being fooled (Goodhart). Another seed (its own scenes, init, degradations
 # and batches) and width, the same held-out check.
-AUDIT_RECIPE = dict(RECIPE, seed=7, net=dict(width=16), steps=3000)
+AUDIT_RECIPE = dict(RECIPE, seed=7, net=dict(width=16), steps=3000, textured_fraction=0.3,
+                    textures="a periodic tile of 2–4 px, amplitude ≤ 0.6 (texture), on 30 % of the training images "
+                             "and on top of their degradations",
+                    heldout=dict(RECIPE["heldout"], texture_seed=3))
 
 
 def training_scenes(n: int, seed: int) -> list:
@@ -343,11 +382,13 @@ def heldout_set(category: str, n: int, seed: int):
 
 
 @torch.no_grad()
-def agreement(net: Detector, scenes, prompts, degrade_seed: int | None = None) -> dict:
+def agreement(net: Detector, scenes, prompts, degrade_seed: int | None = None, texture_seed: int | None = None) -> dict:
     """Agreement of the strict score with the exact labels, and the exact-scene decoding rate."""
     x = S.to_tensor([S.render(s) for s in scenes])
     if degrade_seed is not None:
         x = degrade(x, torch.Generator().manual_seed(degrade_seed))
+    if texture_seed is not None:
+        x = texture(x, torch.Generator().manual_seed(texture_seed))
     logits = torch.cat([net(x[i:i + 256]) for i in range(0, len(x), 256)])
     specs = [S.parse(p) for p in prompts]
     truth = torch.tensor([float(S.satisfies(s, p)) for s, p in zip(scenes, specs)])
@@ -359,12 +400,15 @@ def agreement(net: Detector, scenes, prompts, degrade_seed: int | None = None) -
             "scene_exact": float(exact), "soft_threshold_agrees": float((soft == got.bool()).float().mean())}
 
 
-def validity(net: Detector, per_category: int, seed: int, degrade_seed: int) -> dict:
+def validity(net: Detector, per_category: int, seed: int, degrade_seed: int, texture_seed: int | None = None) -> dict:
+    """Per category: agreement on clean and degraded held-out renders, and (``texture_seed``) on textured ones."""
     out = {}
     for c in S.CATEGORIES:
         scenes, prompts = heldout_set(c, per_category, seed)
         out[c] = {"clean": agreement(net, scenes, prompts),
                   "degraded": agreement(net, scenes, prompts, degrade_seed)}
+        if texture_seed is not None:
+            out[c]["textured"] = agreement(net, scenes, prompts, texture_seed=texture_seed)
     return out
 
 
@@ -390,6 +434,9 @@ def train_detector(out_path: str = WEIGHTS_PATH, log=print, recipe: dict = RECIP
         x, y = x_all[idx], y_all[idx]
         bad = torch.rand(len(x), generator=g) < r["degraded_fraction"]
         x = torch.where(bad[:, None, None, None], degrade(x, g), x)
+        if r.get("textured_fraction"):
+            tex = torch.rand(len(x), generator=g) < r["textured_fraction"]
+            x = torch.where(tex[:, None, None, None], texture(x, g), x)
         loss = F.cross_entropy(net(x), y)
         opt.zero_grad()
         loss.backward()
@@ -399,10 +446,10 @@ def train_detector(out_path: str = WEIGHTS_PATH, log=print, recipe: dict = RECIP
             log(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     net.eval()
     h = r["heldout"]
-    metrics = validity(net, h["per_category"], h["seed"], h["degrade_seed"])
+    metrics = validity(net, h["per_category"], h["seed"], h["degrade_seed"], h.get("texture_seed"))
     for c, m in metrics.items():
-        log(f"{c:14s} clean {m['clean']['agreement']:.4f} (scene exact {m['clean']['scene_exact']:.4f})  "
-            f"degraded {m['degraded']['agreement']:.4f} (scene exact {m['degraded']['scene_exact']:.4f})")
+        log(f"{c:14s} " + "  ".join(f"{k} {v['agreement']:.4f} (scene exact {v['scene_exact']:.4f})"
+                                    for k, v in m.items()))
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out_path)
     card = dict(title=TITLE, recipe=r, validity=metrics, torch=torch.__version__,

@@ -169,11 +169,25 @@ def test_detector_agrees_with_exact_labels_per_category(reward, which):
     and degraded, for the training detector and the eval-only audit detector."""
     from rewards import shapes as R
 
-    v = R.validity(getattr(reward, which), per_category=60, seed=11, degrade_seed=12)
+    v = R.validity(getattr(reward, which), per_category=60, seed=11, degrade_seed=12,
+                   texture_seed=13 if which == "audit" else None)
     for cat, m in v.items():
         assert m["clean"]["agreement"] >= 0.98, (cat, m)
         assert m["degraded"]["agreement"] >= 0.98, (cat, m)
+        assert which != "audit" or m["textured"]["agreement"] >= 0.98, (cat, m)  # what it was trained for
         assert 0.3 < m["clean"]["positives"] < 0.8  # both outcomes are tested
+
+
+def test_texture_is_a_periodic_tile_and_leaves_its_input_alone():
+    from rewards import shapes as R
+
+    x = torch.zeros(16, 3, S.SIZE, S.SIZE)
+    y = R.texture(x, torch.Generator().manual_seed(4))
+    assert (x == 0).all() and torch.equal(y, R.texture(x, torch.Generator().manual_seed(4)))
+    for img in y:
+        inner = img[:, :24, :24]  # a diagonal shift by the tile's side maps the pattern onto itself
+        assert any(torch.equal(inner, img[:, p:24 + p, p:24 + p]) for p in (2, 3, 4))
+        assert 0 < img.abs().max() <= 0.6
 
 
 def _prompt_scenes(n_per, seed):
@@ -198,6 +212,23 @@ def test_strict_is_binary_and_agrees_with_the_soft_threshold(reward):
     assert torch.equal(r.bool(), soft >= math.log(0.5))
     truth = torch.tensor([S.satisfies(s, cfg.prompts.names[i]) for s, i in zip(scenes, cond.tolist())])
     assert torch.equal(r.bool(), truth)
+
+
+def test_augmented_soft_reward_averages_degraded_copies_and_keeps_pixel_gradients(reward):
+    """``augment`` K: the mean of log P over K ``degrade`` copies, from a stream seeded by ``augment_seed``."""
+    from rewards import shapes as R
+
+    x, cond, _, cfg = _prompt_scenes(1, 6)
+    kw = tasks.reward_kwargs(cfg)
+    aug = R.GenevalTinySoft(**kw, augment=3, augment_seed=5)
+    gen = torch.Generator().manual_seed(5)
+    want = torch.stack([reward(R.degrade(x, gen), cond) for _ in range(3)]).mean(0)
+    assert torch.allclose(aug(x, cond), want, atol=1e-12)
+    assert not torch.allclose(aug(x, cond), want)  # the stream advances with every call
+    assert torch.equal(R.GenevalTinySoft(**kw)(x, cond), reward(x, cond))  # K = 0: the plain reward
+    xg = x.double().requires_grad_()
+    aug(xg, cond).sum().backward()
+    assert torch.isfinite(xg.grad).all() and (xg.grad.flatten(1).abs().sum(1) > 0).all()
 
 
 def test_soft_reward_has_pixel_gradients(reward):
@@ -232,7 +263,7 @@ def test_eval_metrics_are_genevals_summary(reward):
 def test_the_audit_detector_sees_through_an_attack_on_the_training_detector(reward):
     """What the audit is for. Sign-gradient ascent on the training detector's soft reward, 40 steps of 0.02 within
     ±0.1 of the pixels (5 % of their range), turns rendered scenes of random content into passes of the 22 held-out
-    prompts for the training detector (measured 0.14 → 0.82), not for the audit detector (0.14 → 0.27)."""
+    prompts for the training detector (measured 0.14 → 0.82), not for the audit detector (0.14 → 0.23)."""
     from rewards import shapes as R
 
     cfg = tasks.load("shapes")
