@@ -253,7 +253,9 @@ class GenevalTinySoft(GenevalTiny):
 
     ``augment`` K > 0: the mean of log P over K random ``degrade`` copies of each image (an expectation over
     transformations), so that a pattern the detector reads only on clean pixels, such as the 2×2 texture DRaFT
-    finds, earns less. Its stream is seeded by ``augment_seed`` and advances with every call."""
+    finds, earns less. Its stream is seeded by ``augment_seed`` and advances with every call. Measured (DRaFT at 10×
+    the bench's budget, lr 1e-4, seed 0, 352 samples, training detector / audit): augment 4 gives 0.44 / 0.38, the
+    plain reward 0.48 / 0.28, the base model 0.32 / 0.34. The texture stays (2×2 roughness 0.15, base 0.12)."""
 
     name = "geneval_tiny_soft"
     title = "geneval (tiny, soft): log-probability that the prompt's constraints hold"
