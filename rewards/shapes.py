@@ -34,9 +34,8 @@ prior-preservation metrics) and ``eval_metrics(x, cond)``: GenEval's protocol, t
 per category of the prompts and "overall" = their mean (GenEval's summary_scores.py averages the
 categories). The weights are committed (``rewards/weights/shapes_detector.safetensors``, and
 ``shapes_audit_detector.safetensors``: ``python -m rewards.shapes --audit``, 16 min on 1 thread beside a
-bench) with a JSON
-card holding the recipe, the held-out agreement with the exact labels per category (clean and
-degraded renders) and the file's sha256, verified on every load.
+bench), each with a JSON card holding the recipe, the held-out agreement with the exact labels per category
+(clean and degraded renders; textured ones too for the audit) and the file's sha256, verified on every load.
 """
 from __future__ import annotations
 
