@@ -162,9 +162,10 @@ def sample_view(x: torch.Tensor, rewards: torch.Tensor, cond: torch.Tensor, name
     if pass_threshold is None:
         return dict(x=imgs, label=label, captions=[f"{n} | {v:.2f}" for n, v in zip(names, r)])
     passed = [v >= pass_threshold for v in r]
-    label += f": {sum(passed)} of {len(passed)} pass" if label else ""
-    label += f" ({sum(float(audit[i]) >= pass_threshold for i in idx)} by the audit)" if label and audit is not None \
-        else ""
+    if label:
+        label += f": {sum(passed)} of {len(passed)} pass"
+        if audit is not None:
+            label += f" ({sum(float(audit[i]) >= pass_threshold for i in idx)} by the audit)"
     return dict(x=imgs, label=label, captions=[f"{'✓' if p else '✗'} {n}" for n, p in zip(names, passed)],
                 passed=passed)
 
