@@ -240,6 +240,17 @@ class GenevalTiny:
         return out
 
     @torch.no_grad()
+    def eval_outcomes(self, x: torch.Tensor, cond) -> dict:
+        """The per-sample form of ``eval_metrics``: each sample's category (``strata``) and its 0/1 pass by each
+        detector (``scores``, keyed as the overall metric they average to: the mean over categories of the
+        per-category means is ``eval_metrics``' value). The bench logs it per eval, and the summary's paired test
+        against the base model resamples it (rsmbench.analysis.stats.paired_difference)."""
+        scores = {"accuracy/overall": self.passed(x, cond).cpu().int().tolist()}
+        if self.audit is not None:
+            scores["audit/overall"] = self.audit_passed(x, cond).cpu().int().tolist()
+        return {"strata": [s.category for s in self._specs(cond)], "scores": scores}
+
+    @torch.no_grad()
     def audit_passed(self, x: torch.Tensor, cond) -> torch.Tensor | None:
         """The strict score by the audit detector (None without one)."""
         if self.audit is None:

@@ -258,6 +258,13 @@ def test_eval_metrics_are_genevals_summary(reward):
     assert reward.features(good).shape == (len(ids), 96 * 16)
     with pytest.raises(ValueError, match="prompt ids"):
         reward(good)
+    # the per-sample form: each sample's category and pass by both detectors; the mean over categories of the
+    # per-category means (3–4 samples each, unequal) is the metric; the plain mean over samples (0.82) is not
+    o = reward.eval_outcomes(mix, torch.tensor(ids))
+    assert o["strata"] == cats and set(o["scores"]) == {"accuracy/overall", "audit/overall"}
+    for key, scores in o["scores"].items():
+        by_cat = [np.mean([v for v, c in zip(scores, cats) if c == k]) for k in dict.fromkeys(cats)]
+        assert float(np.mean(by_cat)) == pytest.approx(m[key], abs=1e-12) and np.mean(scores) != pytest.approx(m[key])
 
 
 def test_the_audit_detector_sees_through_an_attack_on_the_training_detector(reward):
@@ -450,7 +457,8 @@ def test_sample_grids_say_pass_or_fail_for_the_strict_reward():
 
 def test_shapes_eval_scores_a_runs_weights_and_flags_the_2x2_texture(tmp_path, capsys):
     """`python -m rsmbench.run.shapes_eval --weights RUN/net.safetensors` evaluates a run's network: the base
-    model's own weights give the base model's line; weights with a 2×2 texture on the output (a bias on one
+    model's own weights give the base model's line; `--on train` scores the train prompts (one per category) and
+    grids them; weights with a 2×2 texture on the output (a bias on one
     sub-pixel of the folded image) raise `roughness` above the data's; a run of the other twin, or a file that is
     not its weights, is one line and exit code 2."""
     from safetensors.torch import save_file
@@ -469,6 +477,10 @@ def test_shapes_eval_scores_a_runs_weights_and_flags_the_2x2_texture(tmp_path, c
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     base, same = line(), line("--weights", str(run / "net.safetensors"))
+    on_train = line("--on", "train", "--per-prompt", "2", "--grid", str(tmp_path / "train.png"),
+                    "--grid-per-prompt", "2")
+    assert base["on"] == "eval" and on_train["on"] == "train" and (tmp_path / "train.png").is_file()
+    assert {k for k in on_train if k.startswith("accuracy/")} == {f"accuracy/{c}" for c in ("overall", *S.CATEGORIES)}
     assert same["weights"].endswith("net.safetensors") and base["weights"] == "base"
     assert {k: v for k, v in same.items() if k != "weights"} == {k: v for k, v in base.items() if k != "weights"}
     assert base["roughness"] < 1.5 * base["roughness_data"]
@@ -484,11 +496,14 @@ def test_shapes_eval_scores_a_runs_weights_and_flags_the_2x2_texture(tmp_path, c
     (run / "bad.safetensors").write_text("not weights")
     assert SE.main(["--process", "flow", "--weights", str(run / "bad.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("shapes_eval: cannot load --weights")
+    assert SE.main(["--per-prompt", "1", "--grid", str(tmp_path / "g.png"), "--grid-per-prompt", "2"]) == 2
+    assert "--grid-per-prompt 2 must be between 1 and --per-prompt 1" in capsys.readouterr().err
 
 
 def test_a_shapes_run_logs_the_audit_beside_the_accuracy_and_in_its_grids(tmp_path, monkeypatch):
     """A GRPO run on the diffusion twin, 2 iterations of 2 prompts drawn from all 22 train prompts: every eval logs
-    GenEval's accuracies by both detectors, and the before/after grid says how many pass each."""
+    GenEval's accuracies by both detectors, and the before/after grid says how many pass each; the per-sample
+    outcomes of each eval are logged beside them (eval_outcomes.json)."""
     from rsmbench.run import train as T
     from rsmbench.run.runspec import run_spec
     from rsmbench.run.train import train_run
@@ -508,3 +523,11 @@ def test_a_shapes_run_logs_the_audit_beside_the_accuracy_and_in_its_grids(tmp_pa
     first, last = panels
     assert re.fullmatch(r"iteration 0 \(base model\): \d of 3 pass \(\d by the audit\)", first["label"])
     assert re.fullmatch(r"iteration 2: \d of 3 pass \(\d by the audit\)", last["label"])
+    # the per-sample outcomes of both evals, logged for the summary's paired test: their macro means are the accuracies
+    doc = json.loads((tmp_path / "eval_outcomes.json").read_text())
+    assert tmp_path / "eval_outcomes.json" in arts and sorted(doc["evals"], key=int) == ["0", "2"]
+    assert doc["strata"] == ["single_object", "counting", "position"]
+    for m in evals:
+        for key, scores in doc["evals"][str(m["iteration"])].items():
+            assert set(scores) <= {0, 1} and len(scores) == 3
+            assert float(np.mean(scores)) == pytest.approx(m[f"eval/{key}"], abs=1e-12)  # one sample per category

@@ -269,6 +269,8 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
             d.update({c: "" for c in cols})
             d[cols[0] if cols else "status"] = e.status
             d.update({"queries to threshold": "", "marks": ""})
+            if any(x.row.vs_base is not None for x in t.entries):
+                d["Δ base"] = ""
             disp.append(d)
             continue
         for c in cols:
@@ -276,6 +278,8 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
             d[c] = summary._cell(r, metric, p)
             if metric in r.intervals:
                 score[c][i] = r.intervals[metric][0]
+        if any(x.row.vs_base is not None for x in t.entries):  # the paired change from the base (summary.mark)
+            d["Δ base"] = summary.delta_cell(r)
         thr = threshold(t, r.process)
         q = queries_to_threshold(e, thr, t.metric, t.higher)
         reached = [v for v in q if math.isfinite(v)]
@@ -306,7 +310,9 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
                f"configuration per column. Queries to threshold: reward queries at the first eval whose `{t.metric}` "
                f"reaches halfway from the base model to the best configuration ({thr_text}). Marks on `{t.metric}`: "
                "best; ≈ best = cannot be told apart from the best at 95 % (probability of improvement); > base = the "
-               "CI clears the base model."
+               + ("95 % CI of Δ base clears 0 (the paired change from the base model on the same eval samples, its "
+                  "CI over seeds and eval samples: the pigeonhole bootstrap)."
+                  if any(e.row.vs_base is not None for e in t.entries) else "CI clears the base model.")
                + (f" {n_div} configuration(s) diverged: shown as \"diverged at iteration k\" (of the seeds that "
                   "diverged), not as numbers." if n_div else ""))
     return pd.DataFrame(disp), bold, caption

@@ -16,6 +16,8 @@ Scores are given per task as arrays of per-run (per-seed) values, ``{task: (n_ru
   (rliable's ``StratifiedIndependentBootstrap``).
 - ``difference``: mean(X) − mean(Y) with a CI from resampling X's and Y's runs independently
   (within each task).
+- ``paired_difference``: the change from the base model of a per-sample score, averaged over strata, with a CI
+  over seeds and eval samples both (the pigeonhole bootstrap of a crossed design, Owen 2007).
 - ``performance_profile``: the fraction of runs (pooled over tasks) whose normalised score exceeds τ,
   with its CI (rliable's ``create_performance_profile``, score distributions).
 - ``smallest_detectable``: the smallest difference of means a two-sample comparison at these seed
@@ -103,6 +105,37 @@ def difference(x, y, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLE
     dy = np.concatenate(_resample(sy, n_resamples, rng), axis=1).mean(axis=1)
     a = (1 - confidence) / 2
     return point, float(np.quantile(dx - dy, a)), float(np.quantile(dx - dy, 1 - a))
+
+
+def paired_difference(final, base, strata, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLES,
+                      seed: int = SEED) -> tuple[float, float, float]:
+    """(D, low, high): D = mean over strata of the mean over seeds and samples of final − base, with a CI
+    that covers both the seeds and the eval samples.
+
+    `final`, `base`: (seeds, samples) per-sample scores of each seed's final and iteration-0 evals on the same
+    eval samples (prompts and noise seeds), `strata`: each sample's stratum (shapes: its GenEval category, so D
+    is the change of the logged macro accuracy). Seeds and samples are crossed (every seed is scored on the same
+    samples), so both are resampled independently, samples within their stratum: the pigeonhole bootstrap (Owen
+    2007, Ann. Appl. Stat. 1(2), 386–411), percentile CI. Pairing each sample with its base counterpart removes
+    the samples' shared difficulty; resampling them adds the eval's own sampling error, which a CI over seeds
+    alone leaves out."""
+    f, b = np.asarray(final, dtype=float), np.asarray(base, dtype=float)
+    labels = np.asarray(strata)
+    if f.ndim != 2 or f.shape != b.shape or f.shape[1] != len(labels):
+        raise ValueError(f"final {f.shape} and base {b.shape} must be (seeds, samples) over {len(labels)} samples")
+    d = f - b
+    groups = [d[:, labels == c] for c in dict.fromkeys(labels.tolist())]
+    point = float(np.mean([g.mean() for g in groups]))
+    rng = np.random.default_rng(seed)
+    n_seeds = d.shape[0]
+    w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_resamples)  # seed counts (R, S)
+    vals = np.zeros(n_resamples)
+    for g in groups:
+        u = rng.multinomial(g.shape[1], np.full(g.shape[1], 1 / g.shape[1]), size=n_resamples)  # sample counts
+        vals += np.einsum("rs,si,ri->r", w, g, u) / (n_seeds * g.shape[1])
+    vals /= len(groups)
+    a = (1 - confidence) / 2
+    return point, float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
 
 
 def performance_profile(scores, taus, confidence: float = CONFIDENCE, n_resamples: int = 2000,

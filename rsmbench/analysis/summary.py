@@ -7,7 +7,10 @@ CI (``rsmbench.analysis.stats.interval``, the report's path too) of the final ev
 reward-query budget and what was spent, and marks
 
 - ``> base``: the lower end of the row's CI of the task's selection metric is above the base model's
-  value (the same eval, at iteration 0);
+  value (the same eval, at iteration 0). Where the runs logged per-sample outcomes (``eval_outcomes.json``;
+  shapes), the CI is that of the paired change from the base model over seeds *and* eval samples
+  (``stats.paired_difference``, the column ``Δ base``) instead, so a gain that the eval's few samples could
+  show by chance is not marked;
 - ``≈ best``: the 95 % CI of the probability that the best row beats this one reaches ½, so the two
   cannot be told apart at these seed counts (the best row itself is marked ``best``).
 
@@ -16,15 +19,18 @@ reported as "diverged at iteration k" and never as a number, never bold, never c
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
 from rsmbench.analysis import stats
 from rsmbench.run import tracking
+from rsmbench.run.evaluate import ARTIFACTS, OUTCOMES
 from rsmbench.run.runspec import config_hash
 
 # column → (metric, higher is better, decimals)
@@ -56,6 +62,8 @@ class Row:
     budget: int = 0
     spent: list = field(default_factory=list)
     intervals: dict = field(default_factory=dict)  # metric -> (iqm, low, high)
+    outcomes: list = field(default_factory=list)  # per finished seed: its eval_outcomes.json (where logged)
+    vs_base: tuple | None = None  # the selection metric's paired change from the base model (point, low, high)
     marks: str = ""
 
     @property
@@ -88,12 +96,37 @@ def collect_rows(tracker, experiment_id: str, hashes: set | None = None) -> list
                 if metric in run.data.metrics:
                     row.values.setdefault(metric, []).append(run.data.metrics[metric])
             row.spent.append(run.data.metrics.get("train/reward_queries", float("nan")))
+            row.outcomes.append(read_outcomes(run))
     out = sorted(rows.values(), key=lambda r: (r.method, r.process, r.formulation, r.group))
     _name_rows(out)
     for r in out:
         if r.ok:
             r.intervals = {m: stats.interval(v) for m, v in r.values.items() if len(v) == len(r.seeds)}
     return out
+
+
+def read_outcomes(run) -> dict | None:
+    """A run's per-sample eval outcomes (``train.save_outcomes``), None where it logged none."""
+    uri = urlparse(f"{run.info.artifact_uri}/{ARTIFACTS}/{OUTCOMES}")
+    path = Path(unquote(uri.path)) if uri.scheme in ("", "file") else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def paired_vs_base(r: Row, metric: str) -> tuple | None:
+    """(point, low, high) of the change of `metric` from iteration 0 to the final eval, paired per eval sample,
+    over the row's seeds and eval samples (``stats.paired_difference``); None where a seed logged no outcomes."""
+    key = metric.removeprefix("eval/")
+    pairs = []
+    for o in r.outcomes:
+        evals = (o or {}).get("evals", {})
+        if "0" not in evals or len(evals) < 2 or key not in evals["0"]:
+            return None
+        last = evals[max(evals, key=int)]
+        pairs.append((last[key], evals["0"][key], o["strata"]))
+    if not pairs or any(p[2] != pairs[0][2] for p in pairs):  # the same eval samples for every seed
+        return None
+    final, base, strata = zip(*pairs)
+    return stats.paired_difference(final, base, strata[0])
 
 
 DERIVED = ("budget.schedule.",)  # params computed from others (the budget's iteration schedule): not in names
@@ -126,6 +159,7 @@ def mark(rows: list[Row], metric: str, higher: bool, base: float | None) -> Row 
         return None
     best = max(ok, key=lambda r: sign * r.intervals[metric][0])
     for r in ok:
+        r.vs_base = paired_vs_base(r, metric)
         if len(r.seeds) < 2 or len(best.seeds) < 2:  # one seed has no interval: nothing can be claimed
             r.marks = "best (1 seed)" if r is best else ""
             continue
@@ -137,7 +171,11 @@ def mark(rows: list[Row], metric: str, higher: bool, base: float | None) -> Row 
                                                         [sign * v for v in r.values[metric]])
             if lo <= 0.5:
                 marks.append("≈ best")
-        if base is not None:
+        if r.vs_base is not None:  # the paired change, over seeds and eval samples
+            _, lo, hi = r.vs_base
+            if (lo > 0) if higher else (hi < 0):
+                marks.append("> base")
+        elif base is not None:
             _, lo, hi = r.intervals[metric]
             if (lo > base) if higher else (hi < base):
                 marks.append("> base")
@@ -170,16 +208,26 @@ def status(r: Row) -> str:
     return "; ".join(out)
 
 
+def delta_cell(r: Row, p: int = 2) -> str:
+    """The row's paired change from the base model, "+0.05 [−0.03, 0.12]" ("–" where not logged)."""
+    if r.vs_base is None:
+        return "–"
+    return " ".join(f"{v:+.{p}f}" for v in r.vs_base[:1]) + " [" + ", ".join(f"{v:+.{p}f}" for v in r.vs_base[1:]) + "]"
+
+
 def table(rows: list[Row], columns: list[str]) -> str:
-    head = ["configuration", "seeds", "queries (budget)", *columns, "marks"]
+    """The markdown table; a ``Δ base`` column (``delta_cell``) where some row has the paired change."""
+    delta = any(r.vs_base is not None for r in rows)
+    head = ["configuration", "seeds", "queries (budget)", *columns, *(["Δ base"] if delta else []), "marks"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         spent = f"{_num(float(np.mean(r.spent)), 0)} ({r.budget})" if r.spent else f"– ({r.budget})"
         n = len(r.seeds) + len(r.diverged) + len(r.failed)
         if not r.ok:
-            cells = [r.name, str(n), spent, status(r)] + [""] * (len(columns) - 1) + [""]
+            cells = [r.name, str(n), spent, status(r)] + [""] * (len(columns) - 1 + delta) + [""]
         else:
-            cells = [r.name, str(n), spent] + [_cell(r, COLUMNS[c][0], COLUMNS[c][2]) for c in columns] + [r.marks]
+            cells = ([r.name, str(n), spent] + [_cell(r, COLUMNS[c][0], COLUMNS[c][2]) for c in columns]
+                     + ([delta_cell(r)] if delta else []) + [r.marks])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -251,6 +299,12 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "summary.md"
     missing = len({config_hash(s) for s in specs}) - sum(len(r.runs) for r in rows)
+    base_rule = "the CI is above the base model."
+    if any(r.vs_base is not None for r in rows):
+        base_rule = (f"the 95 % CI of `Δ base` is above 0. `Δ base` is the change of `{metric}` from the base model "
+                     "(iteration 0 of the same runs, on the same eval samples), paired per sample, with its CI over "
+                     "seeds and eval samples both (the pigeonhole bootstrap, "
+                     "rsmbench.analysis.stats.paired_difference).")
     lines = [f"# {cfg.name}: {cfg.get('title', '')}", "",
              f"Profile `{cfg.profile}`. Every run spends its reward-query budget "
              f"({cfg.budget.reward_queries}, {cfg.budget.mode}) within 1 %; eval: {cfg.eval.num_samples} samples, "
@@ -258,7 +312,7 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
              "cells are the IQM over seeds of the final eval and its 95 % stratified-bootstrap CI. Marks "
              f"(selection metric `{metric}`, within each process: each has its own base model): best; ≈ best = "
              "cannot be told apart from the best at 95 % "
-             "(probability of improvement); > base = the CI is above the base model.", "", text, ""]
+             f"(probability of improvement); > base = {base_rule}", "", text, ""]
     if "audit" in columns:
         lines += ["`audit`: the overall accuracy of the same samples scored by a second detector that no method "
                   "trains on (rewards/shapes.py AUDIT_RECIPE); `accuracy` well above `audit` means the training "

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from rsmbench.core import method as registry
 from rsmbench.errors import TaskError, UserError
 from rsmbench.run import budget, distributed, fullscale, tasks, tracking, tuning
+from rsmbench.run.evaluate import ARTIFACTS
 from rsmbench.run.runspec import config_hash, run_name, run_spec
 from rsmbench.run.setup import shared_reward
 from rsmbench.run.train import Diverged, Overspent, train_run
@@ -304,7 +305,7 @@ def _train(tracker, rec, ckpt, bar, log, dist) -> None:
                             f"q {int(metrics['train/reward_queries'])}/{rc['budget']['reward_queries']}")
 
     def log_artifact(path):
-        tracker.log_artifact(run_id, path, "samples")
+        tracker.log_artifact(run_id, path, ARTIFACTS)
 
     def log_reference(values):  # constants of the task (gmm: J*, floors): tags, not metric series
         tracker.set_tags(run_id, {f"reference.{k}": f"{v:.6g}" for k, v in values.items()})

@@ -18,6 +18,11 @@ import torch
 from rsmbench.core.models import Policy
 from rsmbench.core.rollout import generators, sample
 
+# a run's per-sample eval outcomes (where the reward gives them: ``eval_outcomes``), in its checkpoint directory and
+# among its MLflow artifacts under ``ARTIFACTS`` (train.save_outcomes writes it, summary.collect_rows reads it)
+OUTCOMES = "eval_outcomes.json"
+ARTIFACTS = "samples"
+
 
 def _features(reward, x):
     f = reward.features(x) if hasattr(reward, "features") else x

@@ -1,17 +1,20 @@
 """GenEval-style accuracy of a shapes model on the held-out prompts, and a captioned sample grid.
 
-    python -m rsmbench.run.shapes_eval [--task shapes] [--process flow] [--per-prompt 16]
+    python -m rsmbench.run.shapes_eval [--task shapes] [--process flow] [--per-prompt 16] [--on eval|train]
                                        [--weights RUN_DIR/net.safetensors]
                                        [--grid PATH] [--grid-per-prompt 1] [key=value ...]
 
-Samples ``per-prompt`` images of every ``eval.prompts`` id from the task's committed base model
+Samples ``per-prompt`` images of every ``eval.prompts`` id (``--on train``: of every ``prompts.train`` id, the
+prompts the methods train on, so that what a method learnt is told apart from what carries over to the held-out
+prompts) from the task's committed base model
 (or, with ``--weights``, a run's final network: ``results/runs/<hash>/net.safetensors`` of a run on
 that process) with the task's sampler (``eval.sampler``), guidance (``train.cfg_scale``) and seeds from
 ``eval.seed_start``, scores them with the task's reward (``eval_metrics``: strict accuracy per
 category and their mean) and prints one JSON line, with the samples' ``block_roughness`` (the
 2×2 texture a model can use to fool the detector; the rendered data's is ``roughness_data``).
 ``--grid`` writes the first ``grid-per-prompt`` samples of each prompt, captioned with the prompt and
-framed by pass/fail (``rsmbench.run.evaluate.plot_captioned_grid``).
+framed by pass/fail (``rsmbench.run.evaluate.plot_captioned_grid``), one row per prompt where
+``grid-per-prompt`` > 1.
 """
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ def data_roughness(cfg) -> float:
 
 
 @torch.no_grad()
-def eval_samples(cfg, kind: str, per_prompt: int, net=None, chunk: int = 128):
-    """(x, cond): ``per_prompt`` samples of each eval prompt (prompt-major), seeds eval.seed_start + k."""
+def eval_samples(cfg, kind: str, per_prompt: int, net=None, chunk: int = 128, prompts=None):
+    """(x, cond): ``per_prompt`` samples of each eval prompt (or of ``prompts``; prompt-major), seeds
+    eval.seed_start + k."""
     process = tasks.build_process(cfg, kind)
     net = tasks.load_base(cfg, kind) if net is None else net
     policy = Policy(net.eval(), process, float(cfg.train.cfg_scale))
-    cond = torch.tensor(list(cfg.eval.prompts)).repeat_interleave(per_prompt)
+    cond = torch.tensor(list(cfg.eval.prompts if prompts is None else prompts)).repeat_interleave(per_prompt)
     seeds = [int(cfg.eval.seed_start) + k for k in range(len(cond))]
     stochastic = None if cfg.eval.sampler == "sde" else torch.zeros(process.num_steps, dtype=torch.bool)
     shape = tasks.sample_shape(cfg.processes[kind].model)
@@ -58,11 +62,17 @@ def main(argv=None) -> int:
     p.add_argument("--task", default="shapes")
     p.add_argument("--process", default="flow")
     p.add_argument("--per-prompt", type=int, default=16)
+    p.add_argument("--on", choices=("eval", "train"), default="eval",
+                   help="the held-out eval prompts (eval.prompts) or the train prompts (prompts.train)")
     p.add_argument("--weights", default=None, help="a run's net.safetensors (default: the base model)")
     p.add_argument("--grid", default=None)
     p.add_argument("--grid-per-prompt", type=int, default=1)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
+    if not 1 <= a.grid_per_prompt <= a.per_prompt:
+        print(f"shapes_eval: --grid-per-prompt {a.grid_per_prompt} must be between 1 and --per-prompt {a.per_prompt}",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     cfg = tasks.load(a.task, a.overrides)
     reward = tasks.build_reward(cfg)
@@ -79,17 +89,21 @@ def main(argv=None) -> int:
             print(f"shapes_eval: cannot load --weights {a.weights} into the {a.process} twin: "
                   f"{(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
             return 2
-    x, cond = eval_samples(cfg, a.process, a.per_prompt, net=net)
+    prompts = list(cfg.eval.prompts if a.on == "eval" else cfg.prompts.train)
+    x, cond = eval_samples(cfg, a.process, a.per_prompt, net=net, prompts=prompts)
     metrics = reward.eval_metrics(x, cond)
     rough = {"roughness": round(S.block_roughness(x), 4), "roughness_data": round(data_roughness(cfg), 4)}
-    print(json.dumps({"task": a.task, "process": a.process, "weights": a.weights or "base", "per_prompt": a.per_prompt,
+    print(json.dumps({"task": a.task, "process": a.process, "weights": a.weights or "base", "on": a.on,
+                      "per_prompt": a.per_prompt,
                       "cfg_scale": float(cfg.train.cfg_scale), **metrics, **rough}))
     if a.grid:
-        keep = torch.cat([torch.arange(a.grid_per_prompt) + k * a.per_prompt for k in range(len(cfg.eval.prompts))])
+        keep = torch.cat([torch.arange(a.grid_per_prompt) + k * a.per_prompt for k in range(len(prompts))])
         ok = reward.passed(x[keep], cond[keep])
         names = [cfg.prompts.names[int(i)] for i in cond[keep]]
-        plot_captioned_grid(a.grid, x[keep], names, passed=ok.tolist(), ncol=min(11, len(keep)),
-                            title=f"{a.task} {a.process} {a.weights or 'base model'}, CFG {float(cfg.train.cfg_scale)}"
+        ncol = a.grid_per_prompt if a.grid_per_prompt > 1 else min(11, len(keep))
+        plot_captioned_grid(a.grid, x[keep], names, passed=ok.tolist(), ncol=ncol,
+                            title=f"{a.task} {a.process} {a.weights or 'base model'}, "
+                                  f"CFG {float(cfg.train.cfg_scale)}, {a.on} prompts"
                                   f": overall accuracy {metrics['accuracy/overall']:.2f}"
                                   + (f" (audit {metrics['audit/overall']:.2f})" if "audit/overall" in metrics else ""))
     return 0

@@ -22,6 +22,7 @@ logged one, so a run killed anywhere has neither a gap nor a duplicate in its me
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from rsmbench.core.models import Policy
 from rsmbench.run import budget as budgets
 from rsmbench.run import distributed, fullscale, setup
 from rsmbench.run.accounting import Counters, CountingReward
-from rsmbench.run.evaluate import plot_captioned_grid, plot_first_vs_last, plot_samples, sample_view
+from rsmbench.run.evaluate import OUTCOMES, plot_captioned_grid, plot_first_vs_last, plot_samples, sample_view
 from rsmbench.run.resume import load_state, save_state
 
 
@@ -127,10 +128,26 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
             view = sample_view(x, r, evaluator.cond, names, f"iteration {it}", S.to_images, **ref_pts,
                                pass_threshold=pass_threshold, audit=audit_passed(x))
             last_view.update(it=it, view=view, title=title, refs=ref_pts, x=x, ev=ev)
+            save_outcomes(it, x)
             if last:  # the evals before are metrics only; iteration 0 is the left panel of first_vs_last
                 save_grid()
                 first_vs_last(f"{title}: the same eval seeds at iteration 0 and {it}")
         return ev
+
+    def save_outcomes(it: int, x):
+        """``eval_outcomes.json``: the per-sample outcomes of every eval so far (``{"strata", "evals": {it: scores}}``),
+        where the reward gives them (shapes: ``eval_outcomes``); the summary's paired test against the base model
+        reads the first and the last (``summary.OUTCOMES``). Rewritten whole at each eval, so a resumed run keeps
+        the evals before its kill."""
+        outcomes = getattr(evaluator.reward, "eval_outcomes", None)
+        if outcomes is None:
+            return
+        o = outcomes(x, evaluator.cond)
+        path = ckpt_dir / OUTCOMES
+        doc = json.loads(path.read_text()) if path.is_file() else {"strata": o["strata"], "evals": {}}
+        doc["evals"][str(it)] = o["scores"]
+        path.write_text(json.dumps(doc))
+        log_artifact(path)
 
     def save_grid():
         """samples_<it>.png of the latest eval: captioned with the prompt and pass/fail where the reward
