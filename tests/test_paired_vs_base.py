@@ -78,23 +78,27 @@ def _shapes_run(tr, exp, method: str, seed: int, base: list, final: list, strata
 
 def test_the_summary_marks_above_base_by_the_paired_test(tmp_path):
     """Two shapes rows over 3 seeds: `lucky` gains the same single sample in every seed, so its seeds agree and the
-    CI over seeds alone lies above the base (the old rule marked it); `real` gains most samples of every category.
-    Only `real` is marked > base, and the Δ base column shows both changes with their CIs."""
+    CI over seeds alone lies above the base (the old rule marked it); `real` gains most samples of every category;
+    `worse` loses every pass. Only `real` is marked > base, `worse` < base, and the Δ base column shows the changes
+    with their CIs."""
     strata = [c for c in "abcdef" for _ in range(4)]
     base = [1, 0, 0, 0] * 6
     lucky = list(base)
     lucky[1] = 1
     real = [1, 1, 1, 0] * 6
+    worse = [0, 0, 0, 0] * 6
     tr = tracking.Tracker()
     exp = tr.experiment("shapes")
     for seed in range(3):
         _shapes_run(tr, exp, "lucky", seed, base, lucky, strata, tmp_path)
         _shapes_run(tr, exp, "real", seed, base, real, strata, tmp_path)
+        _shapes_run(tr, exp, "worse", seed, base, worse, strata, tmp_path)
     rows = {r.method: r for r in summary.collect_rows(tr, exp)}
     metric = "eval/accuracy/overall"
     assert rows["lucky"].intervals[metric][1] > 0.25  # the seeds-only CI is above the base's 0.25
     summary.mark(list(rows.values()), metric, True, base=0.25)
     assert "> base" not in rows["lucky"].marks and "> base" in rows["real"].marks
+    assert "base" not in rows["lucky"].marks and rows["worse"].marks == "< base"  # its CI is [−0.25, −0.25]
     point, lo, _ = rows["lucky"].vs_base
     assert point == pytest.approx(0.25 / 6, abs=1e-12) and lo == 0.0
     assert rows["real"].vs_base[0] == pytest.approx(0.5, abs=1e-12)

@@ -122,7 +122,7 @@ def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind
     """Evaluator.kl_to_ref batches (sample, step) states of several steps into one reference call
     (kl_rows); its value is Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) written out step by step (float64, 1e-12),
     with CFG and per-sample prompts, whatever the chunk (as many states as one step has, a size that
-    splits a sample's steps, everything at once)."""
+    splits a sample's steps, everything at once), and over the first n samples only (eval.kl_samples)."""
     policy, ref = tiny_policy(kind, cfg_scale=3.0, num_steps=5)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -134,7 +134,11 @@ def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind
     for rows in (None, 7, 1000):
         e = Evaluator(ev, policy.process, ref, reward, (2,), kl_rows=rows)
         ro = e._sample(policy)
-        kls.append(e.kl_to_ref(ro))
+        full = e.kl_to_ref(ro)
+        kls.append(full)
+        for n in (1, 4):  # eval.kl_samples: the first n samples' KL, whatever the chunk
+            assert len(e.kl_to_ref(ro, n)) == n
+            kls.append(torch.cat([e.kl_to_ref(ro, n), full[n:]]))
     proc, want = policy.process, torch.zeros(6, dtype=torch.float64)
     for j, i in enumerate(ro.steps.tolist()):
         x = ro.states[:, j]
@@ -143,3 +147,5 @@ def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind
     assert want.min() > 0
     for got in kls:
         assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    first_two = Evaluator({**ev, "kl_samples": 2}, policy.process, ref, reward, (2,))(policy)[0]["eval/kl_ref"]
+    assert first_two == pytest.approx(want[:2].mean().item(), rel=1e-12) and want[:2].mean() != want.mean()

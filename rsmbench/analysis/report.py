@@ -310,8 +310,8 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
                f"configuration per column. Queries to threshold: reward queries at the first eval whose `{t.metric}` "
                f"reaches halfway from the base model to the best configuration ({thr_text}). Marks on `{t.metric}`: "
                "best; ≈ best = cannot be told apart from the best at 95 % (probability of improvement); > base = the "
-               + ("95 % CI of Δ base clears 0 (the paired change from the base model on the same eval samples, its "
-                  "CI over seeds and eval samples: the pigeonhole bootstrap)."
+               + ("95 % CI of Δ base clears 0 (< base: it lies below 0; Δ base is the paired change from the base "
+                  "model on the same eval samples, its CI over seeds and eval samples: the pigeonhole bootstrap)."
                   if any(e.row.vs_base is not None for e in t.entries) else "CI clears the base model.")
                + (f" {n_div} configuration(s) diverged: shown as \"diverged at iteration k\" (of the seeds that "
                   "diverged), not as numbers." if n_div else ""))

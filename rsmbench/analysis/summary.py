@@ -10,7 +10,7 @@ reward-query budget and what was spent, and marks
   value (the same eval, at iteration 0). Where the runs logged per-sample outcomes (``eval_outcomes.json``;
   shapes), the CI is that of the paired change from the base model over seeds *and* eval samples
   (``stats.paired_difference``, the column ``Δ base``) instead, so a gain that the eval's few samples could
-  show by chance is not marked;
+  show by chance is not marked; ``< base`` there: the CI of ``Δ base`` lies on the worse side of 0;
 - ``≈ best``: the 95 % CI of the probability that the best row beats this one reaches ½, so the two
   cannot be told apart at these seed counts (the best row itself is marked ``best``).
 
@@ -175,6 +175,8 @@ def mark(rows: list[Row], metric: str, higher: bool, base: float | None) -> Row 
             _, lo, hi = r.vs_base
             if (lo > 0) if higher else (hi < 0):
                 marks.append("> base")
+            elif (hi < 0) if higher else (lo > 0):  # fine-tuning made it worse, beyond the eval's sampling
+                marks.append("< base")
         elif base is not None:
             _, lo, hi = r.intervals[metric]
             if (lo > base) if higher else (hi < base):
@@ -301,8 +303,9 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
     missing = len({config_hash(s) for s in specs}) - sum(len(r.runs) for r in rows)
     base_rule = "the CI is above the base model."
     if any(r.vs_base is not None for r in rows):
-        base_rule = (f"the 95 % CI of `Δ base` is above 0. `Δ base` is the change of `{metric}` from the base model "
-                     "(iteration 0 of the same runs, on the same eval samples), paired per sample, with its CI over "
+        base_rule = (f"the 95 % CI of `Δ base` is above 0 (< base: below 0). `Δ base` is the change of `{metric}` "
+                     "from the base model (iteration 0 of the same runs, on the same eval samples), paired per sample, "
+                     "with its CI over "
                      "seeds and eval samples both (the pigeonhole bootstrap, "
                      "rsmbench.analysis.stats.paired_difference).")
     lines = [f"# {cfg.name}: {cfg.get('title', '')}", "",
