@@ -122,7 +122,8 @@ def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind
     """Evaluator.kl_to_ref batches (sample, step) states of several steps into one reference call
     (kl_rows); its value is Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) written out step by step (float64, 1e-12),
     with CFG and per-sample prompts, whatever the chunk (as many states as one step has, a size that
-    splits a sample's steps, everything at once), and over the first n samples only (eval.kl_samples)."""
+    splits a sample's steps, everything at once), and over some of the samples only (eval.kl_samples: the
+    first of every prompt)."""
     policy, ref = tiny_policy(kind, cfg_scale=3.0, num_steps=5)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -136,9 +137,10 @@ def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind
         ro = e._sample(policy)
         full = e.kl_to_ref(ro)
         kls.append(full)
-        for n in (1, 4):  # eval.kl_samples: the first n samples' KL, whatever the chunk
-            assert len(e.kl_to_ref(ro, n)) == n
-            kls.append(torch.cat([e.kl_to_ref(ro, n), full[n:]]))
+        for index in ([0], [1, 2, 5], [3, 4, 5]):  # eval.kl_samples: those samples' KL, whatever the chunk
+            got = full.clone()
+            got[index] = e.kl_to_ref(ro, index)
+            kls.append(got)
     proc, want = policy.process, torch.zeros(6, dtype=torch.float64)
     for j, i in enumerate(ro.steps.tolist()):
         x = ro.states[:, j]
@@ -147,5 +149,8 @@ def test_path_kl_is_the_same_however_many_steps_the_reference_sees_per_call(kind
     assert want.min() > 0
     for got in kls:
         assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    first_two = Evaluator({**ev, "kl_samples": 2}, policy.process, ref, reward, (2,))(policy)[0]["eval/kl_ref"]
-    assert first_two == pytest.approx(want[:2].mean().item(), rel=1e-12) and want[:2].mean() != want.mean()
+    # kl_samples 2 of 6 samples of 2 prompts (prompt-major: 0 0 0 1 1 1): the first of each prompt, samples 0 and 3
+    two = Evaluator({**ev, "kl_samples": 2}, policy.process, ref, reward, (2,))
+    assert two.kl_index == [0, 3]
+    assert two(policy)[0]["eval/kl_ref"] == pytest.approx(want[[0, 3]].mean().item(), rel=1e-12)
+    assert want[[0, 3]].mean() != want.mean()

@@ -70,7 +70,11 @@ class Evaluator:
         self.seeds = [int(ev["seed_start"]) + b for b in range(n)]
         self.stochastic = None if ev["sampler"] == "sde" else torch.zeros(process.num_steps, dtype=torch.bool)
         self.path_kl = bool(ev.get("path_kl", True)) and ev["sampler"] == "sde"
-        self.kl_samples = min(int(ev.get("kl_samples") or n), n)  # the path KL's samples: the first k (cost)
+        # the path KL's samples (``eval.kl_samples`` k, for its cost): the first sample of every prompt, then the
+        # second of every prompt, ... so that k = the number of prompts covers each prompt once
+        per_prompt = math.ceil(n / len(self.prompts))
+        k = min(int(ev.get("kl_samples") or n), n)
+        self.kl_index = sorted(sorted(range(n), key=lambda b: (b % per_prompt, b))[:k])
         self.dim = int(np.prod(shape))
         self.base = self._sample(ref)
         self.base_feat = _features(reward, self.base.final)
@@ -93,21 +97,22 @@ class Evaluator:
                       dtype=next(policy.net.parameters()).dtype)
 
     @torch.no_grad()
-    def kl_to_ref(self, ro, n: int | None = None) -> torch.Tensor:
-        """Per-sample path KL Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) along θ's trajectories (nats), of the first `n`
-        samples (default: all). The reference
+    def kl_to_ref(self, ro, index=None) -> torch.Tensor:
+        """Per-sample path KL Σ_i D·⟨(μ_θ − μ_ref)²⟩/(2σ_i²) along θ's trajectories (nats), of the samples
+        `index` (default: all). The reference
         net sees max(``kl_rows``, one step's batch) (sample, step) states per call, several steps at once.
         Shapes UNet, 22 samples × 10 steps, two 1-thread processes at once (the bench's workers): 64 states
         per call take 0.90× the time of one step (22) per call; 220 at once 1.03× (0.77× with one process)."""
         tr = ro.transitions(only_stochastic=False)  # sample-major rows: sample b, step j at b·n + j
-        n = ro.batch_size if n is None else n
-        total = n * (len(tr) // ro.batch_size)
-        kl, rows = torch.empty(total, dtype=torch.float64), max(self.kl_rows or 0, ro.batch_size)
-        for lo in range(0, total, rows):
-            r = tr.select(slice(lo, min(lo + rows, total)))
+        steps = len(tr) // ro.batch_size
+        index = torch.arange(ro.batch_size) if index is None else torch.as_tensor(index)
+        keep = (index[:, None] * steps + torch.arange(steps)).flatten()  # the rows of those samples, in order
+        kl, rows = torch.empty(len(keep), dtype=torch.float64), max(self.kl_rows or 0, ro.batch_size)
+        for lo in range(0, len(keep), rows):
+            r = tr.select(keep[lo:lo + rows])
             mu_ref = self.process.mean(r.x, self.ref(r.x, r.step, r.cond), r.step)
             kl[lo:lo + len(r)] = self.process.kl(r.mean, mu_ref, r.step).double()
-        return self.dim * kl.view(n, -1).sum(1)
+        return self.dim * kl.view(len(index), -1).sum(1)
 
     @torch.no_grad()
     def base_rewards(self) -> torch.Tensor:
@@ -130,7 +135,7 @@ class Evaluator:
         out = {"eval/reward_mean": r.mean().item(), "eval/reward_std": r.std().item(),
                "eval/diversity": diversity(feat), "eval/prior_frechet": frechet(feat, self.base_feat)}
         if self.path_kl:  # at the base model θ = θ_ref: the path KL is 0 exactly
-            out["eval/kl_ref"] = 0.0 if at_base else self.kl_to_ref(ro, self.kl_samples).mean().item()
+            out["eval/kl_ref"] = 0.0 if at_base else self.kl_to_ref(ro, self.kl_index).mean().item()
         if hasattr(self.reward, "eval_metrics"):  # a task's own protocol (shapes: GenEval's accuracies)
             out.update({f"eval/{k}": v for k, v in self.reward.eval_metrics(x, ro.cond).items()})
         if self.gt is not None:

@@ -140,7 +140,7 @@ class Eval:
     num_samples: int = value(ge=2)  # a std, a diversity and a Fréchet distance need two samples
     sampler: Literal["sde", "ode"] = value()
     path_kl: bool = value(True)
-    kl_samples: int = value(0, ge=0)  # the path KL over the first k eval samples (0: all of them)
+    kl_samples: int = value(0, ge=0)  # the path KL over k eval samples, every prompt once first (0: all)
     jstar_samples: int = value(0, ge=0)
 
 
