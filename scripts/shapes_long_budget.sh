@@ -13,6 +13,7 @@
 # never mixes budgets), the summary to reports/$STORE/summary.md, each run's before/after grid to
 # results/$STORE/runs/<hash>/. Score a run's final network on 352 samples, by both detectors:
 #     python -m rsmbench.run.shapes_eval --process diffusion --weights results/$STORE/runs/<hash>/net.safetensors
+# and on the prompts it trained on (what it learnt, against what carries over to the held-out ones): add --on train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 methods=${METHODS:-draft,pcpo_reweight}

@@ -63,6 +63,7 @@ CASES = [
     ("batch_zero", [*GMM, "train.batch_per_prompt=0"], ["train.batch_per_prompt", "integer >= 1"]),
     ("task_lr_word", ["bench", "--task", "lr_word"], ["train.lr", "a number > 0", "'fast'"]),
     ("num_samples_negative", [*GMM, "eval.num_samples=-5"], ["eval.num_samples", "integer >= 2"]),
+    ("kl_samples_negative", [*GMM, "eval.kl_samples=-1"], ["eval.kl_samples", "integer >= 0"]),
     ("num_steps_zero", [*GMM, "processes.flow.process.num_steps=0"],
      ["processes.flow.process.num_steps", "integer >= 1"]),
     ("eta_two", [*GMM, "processes.diffusion.process.eta=2"], ["processes.diffusion.process.eta", "<= 1"]),

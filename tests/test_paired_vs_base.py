@@ -76,29 +76,47 @@ def _shapes_run(tr, exp, method: str, seed: int, base: list, final: list, strata
     tr.finish(rid)
 
 
-def test_the_summary_marks_above_base_by_the_paired_test(tmp_path):
-    """Two shapes rows over 3 seeds: `lucky` gains the same single sample in every seed, so its seeds agree and the
-    CI over seeds alone lies above the base (the old rule marked it); `real` gains most samples of every category;
-    `worse` loses every pass. Only `real` is marked > base, `worse` < base, and the Δ base column shows the changes
-    with their CIs."""
+def _lucky_real_worse(tmp_path):
+    """The shapes store of the next two tests: three rows over 3 seeds and 24 eval samples in 6 categories."""
     strata = [c for c in "abcdef" for _ in range(4)]
     base = [1, 0, 0, 0] * 6
     lucky = list(base)
     lucky[1] = 1
-    real = [1, 1, 1, 0] * 6
-    worse = [0, 0, 0, 0] * 6
     tr = tracking.Tracker()
     exp = tr.experiment("shapes")
     for seed in range(3):
-        _shapes_run(tr, exp, "lucky", seed, base, lucky, strata, tmp_path)
-        _shapes_run(tr, exp, "real", seed, base, real, strata, tmp_path)
-        _shapes_run(tr, exp, "worse", seed, base, worse, strata, tmp_path)
+        for method, final in (("lucky", lucky), ("real", [1, 1, 1, 0] * 6), ("worse", [0, 0, 0, 0] * 6)):
+            _shapes_run(tr, exp, method, seed, base, final, strata, tmp_path)
+    return tr, exp
+
+
+def test_the_report_shows_the_paired_change_and_its_marks(tmp_path):
+    """`rsmbench report`'s results table of the same store: the Δ base column and the marks the summary gives."""
+    from rsmbench.analysis import report
+
+    _lucky_real_worse(tmp_path)
+    report.build(tmp_path / "rep", analyses=False)
+    lines = [ln for ln in (tmp_path / "rep" / "results_shapes.md").read_text().splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {r["configuration"]: r for r in
+            (dict(zip(head, [c.strip() for c in ln.strip("|").split("|")])) for ln in lines[2:])}
+    assert re.fullmatch(r"-0\.25 \[-0\.[3-5]\d, -0\.[01]\d\]", rows["worse (original, flow)"]["Δ base"])
+    assert rows["worse (original, flow)"]["marks"] == "< base" and "> base" in rows["real (original, flow)"]["marks"]
+    assert "base" not in rows["lucky (original, flow)"]["marks"]
+
+
+def test_the_summary_marks_above_base_by_the_paired_test(tmp_path):
+    """Three shapes rows over 3 seeds: `lucky` gains the same single sample in every seed, so its seeds agree and the
+    CI over seeds alone lies above the base (the old rule marked it); `real` gains most samples of every category;
+    `worse` loses every pass. Only `real` is marked > base, `worse` < base, and the Δ base column shows the changes
+    with their CIs."""
+    tr, exp = _lucky_real_worse(tmp_path)
     rows = {r.method: r for r in summary.collect_rows(tr, exp)}
     metric = "eval/accuracy/overall"
     assert rows["lucky"].intervals[metric][1] > 0.25  # the seeds-only CI is above the base's 0.25
     summary.mark(list(rows.values()), metric, True, base=0.25)
     assert "> base" not in rows["lucky"].marks and "> base" in rows["real"].marks
-    assert "base" not in rows["lucky"].marks and rows["worse"].marks == "< base"  # its CI is [−0.25, −0.25]
+    assert "base" not in rows["lucky"].marks and rows["worse"].marks == "< base"  # every category loses its one pass
     point, lo, _ = rows["lucky"].vs_base
     assert point == pytest.approx(0.25 / 6, abs=1e-12) and lo == 0.0
     assert rows["real"].vs_base[0] == pytest.approx(0.5, abs=1e-12)
