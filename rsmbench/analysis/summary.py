@@ -211,10 +211,11 @@ def status(r: Row) -> str:
 
 
 def delta_cell(r: Row, p: int = 2) -> str:
-    """The row's paired change from the base model, "+0.05 [−0.03, 0.12]" ("–" where not logged)."""
+    """The row's paired change from the base model, "+0.05 [-0.03, +0.12]" ("–" where not logged)."""
     if r.vs_base is None:
         return "–"
-    return " ".join(f"{v:+.{p}f}" for v in r.vs_base[:1]) + " [" + ", ".join(f"{v:+.{p}f}" for v in r.vs_base[1:]) + "]"
+    point, lo, hi = r.vs_base
+    return f"{point:+.{p}f} [{lo:+.{p}f}, {hi:+.{p}f}]"
 
 
 def table(rows: list[Row], columns: list[str]) -> str:
@@ -305,8 +306,7 @@ def write(cfg, specs: list[dict], seconds: float, report_dir: Path) -> tuple[str
     if any(r.vs_base is not None for r in rows):
         base_rule = (f"the 95 % CI of `Δ base` is above 0 (< base: below 0). `Δ base` is the change of `{metric}` "
                      "from the base model (iteration 0 of the same runs, on the same eval samples), paired per sample, "
-                     "with its CI over "
-                     "seeds and eval samples both (the pigeonhole bootstrap, "
+                     "with its CI over seeds and eval samples both (the pigeonhole bootstrap, "
                      "rsmbench.analysis.stats.paired_difference).")
     lines = [f"# {cfg.name}: {cfg.get('title', '')}", "",
              f"Profile `{cfg.profile}`. Every run spends its reward-query budget "

@@ -137,7 +137,7 @@ def train_run(spec: dict, log_metrics=None, log_artifact=None, ckpt_dir: Path | 
     def save_outcomes(it: int, x):
         """``eval_outcomes.json``: the per-sample outcomes of every eval so far (``{"strata", "evals": {it: scores}}``),
         where the reward gives them (shapes: ``eval_outcomes``); the summary's paired test against the base model
-        reads the first and the last (``summary.OUTCOMES``). Rewritten whole at each eval, so a resumed run keeps
+        reads the first and the last (``summary.paired_vs_base``). Rewritten whole at each eval, so a resumed run keeps
         the evals before its kill."""
         outcomes = getattr(evaluator.reward, "eval_outcomes", None)
         if outcomes is None:
