@@ -258,6 +258,7 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
     cols = [c for c in (GMM_COLUMNS if gmm else COLUMNS)
             if any(summary.COLUMNS[c][0] in e.row.intervals for e in t.entries)]
     levels = sorted({k for e in t.entries for k in e.levels})
+    delta = any(e.row.vs_base is not None for e in t.entries)  # the paired change from the base (summary.mark)
     disp, score = [], {c: {} for c in cols}
     for i, e in enumerate(t.entries):
         r = e.row
@@ -269,7 +270,7 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
             d.update({c: "" for c in cols})
             d[cols[0] if cols else "status"] = e.status
             d.update({"queries to threshold": "", "marks": ""})
-            if any(x.row.vs_base is not None for x in t.entries):
+            if delta:
                 d["Δ base"] = ""
             disp.append(d)
             continue
@@ -278,7 +279,7 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
             d[c] = summary._cell(r, metric, p)
             if metric in r.intervals:
                 score[c][i] = r.intervals[metric][0]
-        if any(x.row.vs_base is not None for x in t.entries):  # the paired change from the base (summary.mark)
+        if delta:
             d["Δ base"] = summary.delta_cell(r)
         thr = threshold(t, r.process)
         q = queries_to_threshold(e, thr, t.metric, t.higher)
@@ -312,7 +313,7 @@ def results_table(t: Task) -> tuple[pd.DataFrame, dict, str]:
                "best; ≈ best = cannot be told apart from the best at 95 % (probability of improvement); > base = the "
                + ("95 % CI of Δ base clears 0 (< base: it lies below 0; Δ base is the paired change from the base "
                   "model on the same eval samples, its CI over seeds and eval samples: the pigeonhole bootstrap)."
-                  if any(e.row.vs_base is not None for e in t.entries) else "CI clears the base model.")
+                  if delta else "CI clears the base model.")
                + (f" {n_div} configuration(s) diverged: shown as \"diverged at iteration k\" (of the seeds that "
                   "diverged), not as numbers." if n_div else ""))
     return pd.DataFrame(disp), bold, caption
